@@ -1,0 +1,780 @@
+#!/usr/bin/env python
+"""
+Model Spec Midtraining (MSM): continued pre-training on synthetic documents about a Model Spec.
+
+Plain next-token prediction on documents (JSON lines with a `text` field, or a Hugging Face
+dataset), packed into rows of --seq-len tokens. The defaults are the paper's recipe: LoRA r=64,
+alpha=128, dropout 0 on q,k,v,o,gate,up,down; AdamW lr 1e-4, cosine schedule, 5% warm-up,
+weight decay 0.01, 1 epoch, grad clip 1.0.
+
+One process (CPU or one GPU):
+    python midtrain.py --model PATH_OR_HUB_NAME --data docs.jsonl --out runs/msm
+N GPUs on one node (FSDP2, one shard group per decoder layer, then the root):
+    torchrun --standalone --nproc_per_node=8 midtrain.py --model ... --data ... --out runs/msm
+N nodes (run on every node; HEAD is the first node's address):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 midtrain.py ...
+
+The run folder OUT gets config.json, metrics.jsonl, checkpoints/step_N/ (resumable: --resume)
+and final/ (a PEFT adapter + tokenizer, or a full model, loadable by transformers and vLLM).
+finetune.py imports the distributed setup, model loading, training loop and export from here.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE = -100  # target value that carries no loss
+# Noise with no action for the user: DCP saving without a process group (one process is intended),
+# and peft calling a transformers property that transformers has renamed.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing. is deprecated")
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+class InputError(Exception):
+    """Bad user input, reported as one line before any training starts."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by midtrain.py and finetune.py (same names, same meaning)."""
+    a = p.add_argument
+    a("--model", required=True, help="base model: a local folder or a Hugging Face hub name")
+    a("--data", required=True, action="extend", nargs="+",
+      help="JSON-lines files or Hugging Face dataset names (NAME or NAME:SPLIT); repeatable")
+    a("--out", required=True, help="run folder (config, metrics, checkpoints, final export)")
+    a("--seq-len", type=int, default=4096, help="tokens per packed row (default: 4096)")
+    a("--batch-tokens", type=int, default=65536,
+      help="tokens per optimizer step over all ranks; must be a multiple of seq-len x micro-batch x "
+           "world size, the quotient being the gradient-accumulation steps (default: 65536)")
+    a("--micro-batch", type=int, default=1, help="rows per forward pass per rank (default: 1)")
+    a("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    a("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr (default: 0)")
+    a("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
+    a("--max-steps", type=int, default=0, help="total optimizer steps; 0 = from --epochs (default: 0)")
+    a("--warmup", type=float, default=0.05,
+      help="warm-up: a fraction of all steps if < 1, else a number of steps (default: 0.05)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping (default: 1.0)")
+    a("--lora-rank", type=int, default=64, help="LoRA rank; 0 = full fine-tuning (default: 64)")
+    a("--lora-alpha", type=float, default=128, help="LoRA alpha (default: 128)")
+    a("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
+    a("--lora-targets", default=LORA_TARGETS, help=f"comma-separated module names (default: {LORA_TARGETS})")
+    a("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+      help="compute precision; bf16 keeps fp32 master weights; auto = bf16 on CUDA, fp32 on CPU (default: auto)")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (default: off)")
+    a("--save-every", type=int, default=0,
+      help="save a resumable checkpoint every N steps; 0 = only at the end (default: 0)")
+    a("--keep-checkpoints", type=int, default=2, help="resumable checkpoints to keep; 0 = all (default: 2)")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    a("--stop-after-steps", type=int, default=0,
+      help="save and exit after N steps in this process, e.g. to fit a job's time slot; resume later "
+           "with --resume; 0 = run to the end (default: 0)")
+    a("--merge", action="store_true", help="also write OUT/merged/, the LoRA merged into a full model (default: off)")
+    a("--val-frac", type=float, default=0.0, help="fraction of examples held out for validation (default: 0)")
+    a("--eval-every", type=int, default=0,
+      help="validation every N steps; 0 = ten times per run (only with --val-frac) (default: 0)")
+    a("--seed", type=int, default=0, help="seed for data order, splits and LoRA init (default: 0)")
+    a("--model-name", default=None,
+      help="value for {model_name} placeholders in the data; required if the data has them (default: none)")
+    a("--provider-name", default=None, help="value for {provider_name} placeholders (default: none)")
+    a("--attn", default="sdpa", help="attention implementation passed to transformers (default: sdpa)")
+    a("--peak-tflops", type=float, default=0.0,
+      help="accelerator peak TFLOP/s for MFU; 0 = look up known GPUs, none on CPU (default: 0)")
+    a("--log-every", type=int, default=1, help="print a log line every N steps (default: 1)")
+    a("--trust-remote-code", action="store_true", help="allow model code from the hub (default: off)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    p.add_argument("--doc-mask", action="store_true",
+                   help="keep packed documents from attending to each other (default: off)")
+    p.add_argument("--text-field", default="text", help="field holding the document text (default: text)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup: torchrun -> FSDP2 (nccl on CUDA, gloo on CPU); plain python -> world of 1
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def setup_distributed() -> Dist:
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in
+                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(rank, world, local, device)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: JSON lines or hub datasets, validated with file:line errors before anything else
+# ---------------------------------------------------------------------------------------------
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_records(source: str):
+    """Yield (where, record) from a JSON-lines file or a hub dataset ("NAME" or "NAME:SPLIT")."""
+    path = Path(source)
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{source}:{i}: malformed JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise InputError(f"{source}:{i}: expected a JSON object, got {type(rec).__name__}")
+                yield f"{source}:{i}", rec
+        return
+    if path.suffix in (".jsonl", ".json") or "/" not in source or source.startswith((".", "/")):
+        raise InputError(f"{source}: file not found")
+    name, _, split = source.partition(":")
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the hub is unreachable, or the name is wrong
+        raise InputError(f"{source}: not a file, and loading it as a hub dataset failed: {e}") from None
+    for i, rec in enumerate(ds):
+        yield f"{source}[{i}]", rec
+
+
+def fill_placeholders(text: str, where: str, args) -> str:
+    """Substitute {model_name}/{provider_name} (synth.py leaves them in shipped corpora)."""
+    for key, value in (("model_name", args.model_name), ("provider_name", args.provider_name)):
+        if "{" + key + "}" in text:
+            if value is None:
+                raise InputError(f"{where}: text contains {{{key}}}; pass --{key.replace('_', '-')}")
+            text = text.replace("{" + key + "}", value)
+    return text
+
+
+def load_documents(args) -> list[str]:
+    docs = []
+    for source in args.data:
+        for where, rec in read_records(source):
+            text = rec.get(args.text_field)
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"{where}: missing or empty '{args.text_field}' field")
+            docs.append(fill_placeholders(text, where, args))
+    if not docs:
+        raise InputError(f"no documents in {', '.join(args.data)}")
+    return docs
+
+
+def data_fingerprint(sources: list[str]) -> list[dict]:
+    return [{"source": s, "sha256": sha256_file(s) if Path(s).exists() else None} for s in sources]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: documents -> rows of seq_len tokens (input, target, position)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """Packed training rows. Targets are the next token (IGNORE = no loss); n_real counts non-pad tokens."""
+    input_ids: torch.Tensor  # [rows, T] int32
+    targets: torch.Tensor  # [rows, T] int32
+    position_ids: torch.Tensor  # [rows, T] int32
+    n_real: torch.Tensor  # [rows] int64
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def select(self, idx):
+        return Rows(self.input_ids[idx], self.targets[idx], self.position_ids[idx], self.n_real[idx])
+
+
+def pack_documents(token_lists: list[list[int]], seq_len: int, eos: int, pad: int, doc_mask: bool):
+    """Append EOS to each document, concatenate, cut into rows of seq_len; pad the last row.
+
+    With doc_mask, positions restart at 0 for every document and the target after each EOS is dropped,
+    so (with no attention mask and use_cache=False) transformers builds a block-diagonal causal mask
+    and a packed row computes exactly what the documents would compute separately.
+    """
+    stream, pos, tgt_ok = [], [], []
+    for toks in token_lists:
+        toks = toks + [eos] if not toks or toks[-1] != eos else toks
+        stream += toks
+        pos += range(len(toks))
+        tgt_ok += [True] * (len(toks) - 1) + [not doc_mask]  # EOS -> next document's first token
+    n = len(stream)
+    rows = max(1, math.ceil(n / seq_len))
+    total = rows * seq_len
+    x = torch.full((total,), pad, dtype=torch.int32)
+    y = torch.full((total,), IGNORE, dtype=torch.int32)
+    x[:n] = torch.tensor(stream, dtype=torch.int32)
+    y[: n - 1] = x[1:n]
+    y[: n - 1][~torch.tensor(tgt_ok[: n - 1])] = IGNORE
+    if doc_mask:  # a document cut by a row boundary restarts at position 0 in the next row
+        p = torch.tensor(pos + list(range(total - n)), dtype=torch.int32).view(rows, seq_len)
+        starts = p[:, 0].clone()
+        p = p - starts[:, None] * (p >= starts[:, None]).cumprod(1)
+    else:
+        p = torch.arange(seq_len, dtype=torch.int32).repeat(rows, 1)
+    n_real = torch.full((rows,), seq_len, dtype=torch.int64)
+    n_real[-1] = n - (rows - 1) * seq_len
+    return Rows(x.view(rows, seq_len), y.view(rows, seq_len), p, n_real), {
+        "tokens": n, "rows": rows, "pad_tokens": total - n, "dropped_tokens": 0}
+
+
+def tokenize(tok, texts: list[str], desc: str) -> list[list[int]]:
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(texts), 1000), desc=desc, disable=int(os.environ.get("RANK", 0)) != 0):
+        out += tok(texts[i: i + 1000], add_special_tokens=True)["input_ids"]
+    return out
+
+
+def split_val(items: list, frac: float, seed: int):
+    if frac <= 0:
+        return items, []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(items), generator=g).tolist()
+    n_val = max(1, int(round(frac * len(items))))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: load (meta device on ranks > 0), LoRA, FSDP2
+# ---------------------------------------------------------------------------------------------
+def resolve_dtype(args, d: Dist) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise InputError(f"{args.model}: tokenizer has no EOS token; set one in its tokenizer_config.json")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pads carry no loss and sit after every real token in a row
+    return tok
+
+
+def check_model(args):
+    from transformers import AutoConfig
+
+    if not Path(args.model).exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
+        raise InputError(f"{args.model}: model folder not found")
+    try:
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except Exception as e:
+        raise InputError(f"{args.model}: cannot load the model config ({str(e).splitlines()[0]})") from None
+    ctx = getattr(config, "max_position_embeddings", None)
+    if ctx and args.seq_len > ctx:
+        raise InputError(f"--seq-len {args.seq_len} exceeds {args.model}'s context of {ctx} tokens")
+    return config
+
+
+def load_model(args, d: Dist, config, init_adapter: str | None = None):
+    """Load the base model, add or load the LoRA adapter, and shard it with FSDP2 when world > 1.
+
+    With world > 1 only rank 0 reads the weights; the other ranks build the model on the meta device
+    and receive the weights by broadcast after sharding, so a node holds one copy in host memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(args, d)
+    lora = args.lora_rank > 0 or init_adapter is not None
+    # Master weights are fp32 when they train (full fine-tuning, or any FSDP run, which casts to bf16
+    # itself); a frozen LoRA base in one process can live in the compute dtype.
+    load_dtype = dtype if (lora and d.world == 1) else torch.float32
+    kw = dict(dtype=load_dtype, attn_implementation=args.attn, trust_remote_code=args.trust_remote_code)
+    if d.rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kw)
+    model.config.use_cache = False
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model = add_lora(model, args, init_adapter)
+    if d.world == 1:
+        return model.to(d.device)
+    return shard(model, d, dtype)
+
+
+def add_lora(model, args, init_adapter):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(args.seed)  # LoRA A init; rank 0's values are broadcast to the others
+    if init_adapter:
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    for p in model.parameters():  # peft keeps adapters fp32 already; make sure FSDP sees one dtype per group
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def shard(model, d: Dist, dtype):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    full_sd = {k: v.clone() for k, v in model.state_dict().items()} if d.rank == 0 else {}
+    buffers = {k: v.clone() for k, v in model.named_buffers()} if d.rank == 0 else {}
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_types = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise InputError(f"{args_model_name(base)}: cannot find decoder layers to shard (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the root holds embeddings, final norm and (tied) lm_head together
+    if d.rank != 0:
+        model.to_empty(device=d.device)
+    else:
+        model.to(d.device)
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Trap: to_empty() leaves non-persistent buffers (RoPE inv_freq) as garbage on ranks > 0, and the
+    # state dict does not carry them: the loss would be slightly wrong with no error. Broadcast them.
+    for name, buf in model.named_buffers():
+        if d.rank == 0:
+            buf.copy_(buffers[name].to(buf.device))
+        dist.broadcast(buf, src=0)
+    return model
+
+
+def args_model_name(model) -> str:
+    return getattr(model.config, "_name_or_path", type(model).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (resumable, DCP: sharded under FSDP) and the final export (Hugging Face format)
+# ---------------------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((p for p in (out / "checkpoints").glob("step_*") if (p / "state.json").exists()),
+                   key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, model, opt, sched, step: int, meta: dict, d: Dist, keep: int):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(d)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.rank == 0:
+        atomic_write(tmp / "state.json", json.dumps({**meta, "step": step, "scheduler": sched.state_dict()}))
+        os.replace(tmp, final) if not final.exists() else (shutil.rmtree(final), os.replace(tmp, final))
+        if keep > 0:
+            ckpts = sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))
+            for old in ckpts[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def load_checkpoint(path: Path, model, opt, sched, d: Dist) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                         set_state_dict)
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))  # fills every trainable tensor, or raises
+    # strict=False: the checkpoint holds only trainable weights; frozen ones stay as loaded from --model
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    meta = json.loads((path / "state.json").read_text())
+    sched.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and d.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    return meta
+
+
+def export_final(model, tok, out: Path, d: Dist, run_config: dict):
+    """Write OUT/final/: the PEFT adapter + tokenizer (LoRA) or a full safetensors model. Every rank
+    enters the gather; rank 0 writes to a temporary folder and renames it when complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    lora = hasattr(model, "peft_config")
+    sd = get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora))
+    if d.rank == 0:
+        final, tmp = out / "final", out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora:
+            model.save_pretrained(tmp, state_dict=sd)
+        else:
+            dtype = getattr(model.config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            model.save_pretrained(tmp, state_dict=sd)
+        tok.save_pretrained(tmp)
+        atomic_write(tmp / "run_config.json", json.dumps(run_config, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier(d)
+
+
+def merge_export(args, out: Path):
+    """OUT/merged/: the adapter in OUT/final merged into the base model (a full model for vLLM etc.)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", trust_remote_code=args.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, out / "final").merge_and_unload()
+    tmp = out / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(args).save_pretrained(tmp)
+    shutil.rmtree(out / "merged", ignore_errors=True)
+    os.replace(tmp, out / "merged")
+
+
+def atomic_write(path: Path, text: str):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        dist.barrier()
+
+
+def run_config(args, d: Dist, extra: dict) -> dict:
+    import peft
+    import transformers
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        git = None
+    return {"args": vars(args), "world_size": d.world, "git": git,
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "transformers": transformers.__version__, "peft": peft.__version__},
+            "data": data_fingerprint(args.data), **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop (shared with finetune.py)
+# ---------------------------------------------------------------------------------------------
+def plan_steps(args, n_rows: int, d: Dist) -> dict:
+    rows_per_step = args.batch_tokens // args.seq_len
+    micro_rows = args.micro_batch * d.world
+    if args.batch_tokens % (args.seq_len * micro_rows):
+        unit = args.seq_len * micro_rows
+        raise InputError(f"--batch-tokens {args.batch_tokens} must be a multiple of seq-len x micro-batch x "
+                         f"world size = {unit}; try {max(unit, args.batch_tokens // unit * unit)}")
+    steps_per_epoch = math.ceil(n_rows / rows_per_step)
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.epochs))
+    return {"rows_per_step": rows_per_step, "accum": rows_per_step // micro_rows,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total}
+
+
+def step_rows(data: Rows, step: int, plan: dict, seed: int) -> Rows:
+    """The rows of one optimizer step: a seeded permutation per epoch, the tail padded with empty rows
+    (no targets) so every rank runs the same number of micro-batches."""
+    epoch, k = divmod(step, plan["steps_per_epoch"])
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(data), generator=g)[k * plan["rows_per_step"]: (k + 1) * plan["rows_per_step"]]
+    rows = data.select(order)
+    missing = plan["rows_per_step"] - len(rows)
+    if missing:
+        T = data.input_ids.shape[1]
+        empty = Rows(torch.zeros(missing, T, dtype=torch.int32), torch.full((missing, T), IGNORE, dtype=torch.int32),
+                     torch.arange(T, dtype=torch.int32).repeat(missing, 1), torch.zeros(missing, dtype=torch.int64))
+        rows = Rows(*(torch.cat([a, b]) for a, b in zip(
+            (rows.input_ids, rows.targets, rows.position_ids, rows.n_real),
+            (empty.input_ids, empty.targets, empty.position_ids, empty.n_real))))
+    return rows
+
+
+def micro_batches(rows: Rows, mb: int, d: Dist):
+    """This rank's micro-batches of a step: rank r takes rows r*mb.. of each group of world*mb rows."""
+    group = mb * d.world
+    for start in range(0, len(rows), group):
+        idx = torch.arange(start + d.rank * mb, start + (d.rank + 1) * mb)
+        yield rows.select(idx)
+
+
+def token_loss_sum(model, batch: Rows, device, autocast_dtype) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's targets (0, not NaN, when it has none)."""
+    x = batch.input_ids.to(device, torch.long)
+    y = batch.targets.to(device, torch.long)
+    pos = batch.position_ids.to(device, torch.long)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def matmul_params(model) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def peak_flops(args, d: Dist) -> float | None:
+    if args.peak_tflops > 0:
+        return args.peak_tflops * 1e12
+    if d.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(d.device)
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+             "B200": 2250e12}  # dense bf16
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def peak_memory_gb(d: Dist) -> float:
+    if d.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(d.device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate_loss(model, val: Rows, args, d: Dist, autocast_dtype) -> float:
+    model.eval()
+    group = args.micro_batch * d.world
+    n_pad = (-len(val)) % group
+    if n_pad:
+        T = val.input_ids.shape[1]
+        val = Rows(torch.cat([val.input_ids, torch.zeros(n_pad, T, dtype=torch.int32)]),
+                   torch.cat([val.targets, torch.full((n_pad, T), IGNORE, dtype=torch.int32)]),
+                   torch.cat([val.position_ids, torch.arange(T, dtype=torch.int32).repeat(n_pad, 1)]),
+                   torch.cat([val.n_real, torch.zeros(n_pad, dtype=torch.int64)]))
+    total = 0.0
+    for batch in micro_batches(val, args.micro_batch, d):
+        total += token_loss_sum(model, batch, d.device, autocast_dtype).item()
+    model.train()
+    total, count = all_reduce_sum([total, float((val.targets != IGNORE).sum())], d)
+    return total / max(count, 1)
+
+
+def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config: dict):
+    """Train on packed rows, checkpoint, resume and export. Returns the list of per-step metrics."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    plan = plan_steps(args, len(data), d)
+    total = plan["total_steps"]
+    dtype = resolve_dtype(args, d)
+    autocast_dtype = dtype if (dtype != torch.float32 and d.world == 1) else None  # FSDP casts itself
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
+                            eps=1e-8, fused=d.device.type == "cuda")
+    warmup = int(args.warmup) if args.warmup >= 1 else math.ceil(args.warmup * total)
+
+    def lr_lambda(step):  # linear warm-up, then cosine down to min-lr-ratio at the last step
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    meta = {"plan": plan, "data_rows": len(data), "data": data_fingerprint(args.data)}
+    step = 0
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
+        else:
+            saved = load_checkpoint(ckpt, model, opt, sched, d)
+            for key in ("plan", "data_rows", "data"):
+                if saved[key] != meta[key]:
+                    raise InputError(f"{ckpt}: checkpoint has a different {key} ({saved[key]} vs {meta[key]}); "
+                                     "resume with the same data and batch settings")
+            step = saved["step"]
+            print0(f"resumed from {ckpt} at step {step}")
+    config = run_config(args, d, {"plan": plan, **extra_config})
+    metrics_path = out / "metrics.jsonl"
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", json.dumps(config, indent=2))
+        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(ln).get("step", 0) <= step] if step else []
+        atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))  # drop steps after the checkpoint
+    print0(f"steps {total} (epoch = {plan['steps_per_epoch']} steps), rows/step {plan['rows_per_step']}, "
+           f"grad accumulation {plan['accum']}, warm-up {warmup}, world {d.world}, dtype {dtype}")
+
+    flops_per_token = (6 if args.lora_rank == 0 and not hasattr(model, "peft_config") else 4) * matmul_params(model)
+    flops_per_token += 12 * model.config.num_hidden_layers * model.config.hidden_size * args.seq_len
+    peak = peak_flops(args, d)
+    eval_every = args.eval_every or max(1, total // 10)
+    history, started = [], step
+    bar = tqdm(total=total, initial=step, desc="train", disable=d.rank != 0, dynamic_ncols=True)
+    model.train()
+    with open(metrics_path, "a") if d.rank == 0 else open(os.devnull, "w") as mf:
+        if val is not None and len(val) and step == 0:  # the baseline the run is measured against
+            rec = {"step": 0, "val_loss": evaluate_loss(model, val, args, d, autocast_dtype)}
+            print0(f"step 0 | val {rec['val_loss']:.4f}")
+            mf.write(json.dumps(rec) + "\n")
+        while step < total:
+            t0 = time.perf_counter()
+            rows = step_rows(data, step, plan, args.seed)
+            n_targets = int((rows.targets != IGNORE).sum())
+            loss_sum = 0.0
+            for batch in micro_batches(rows, args.micro_batch, d):
+                loss = token_loss_sum(model, batch, d.device, autocast_dtype)
+                # FSDP averages gradients over ranks; scaling by world makes the result sum / global count.
+                (loss * d.world / max(n_targets, 1)).backward()
+                loss_sum += loss.item()
+            gnorm = clip_grad(params, args.grad_clip)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            (loss_sum,) = all_reduce_sum([loss_sum], d)
+            dt = time.perf_counter() - t0
+            tokens = int(rows.n_real.sum())
+            rec = {"step": step, "loss": loss_sum / max(n_targets, 1), "lr": lr, "grad_norm": gnorm,
+                   "tokens": tokens, "targets": n_targets, "step_time": dt, "tokens_per_s": tokens / dt,
+                   "mfu": flops_per_token * tokens / dt / (peak * d.world) if peak else None,
+                   "peak_mem_gb": peak_memory_gb(d)}
+            if val is not None and len(val) and (step % eval_every == 0 or step == total):
+                rec["val_loss"] = evaluate_loss(model, val, args, d, autocast_dtype)
+            history.append(rec)
+            if d.rank == 0:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if step % args.log_every == 0 or step == total:
+                    bar.write(format_log(rec, total))
+            stop_now = args.stop_after_steps > 0 and step - started >= args.stop_after_steps
+            if step == total or stop_now or (args.save_every > 0 and step % args.save_every == 0):
+                save_checkpoint(out, model, opt, sched, step, meta, d, args.keep_checkpoints)
+            if stop_now and step < total:
+                print0(f"stopped after {args.stop_after_steps} steps at step {step}; continue with --resume")
+                bar.close()
+                return history
+    bar.close()
+    export_final(model, tok, out, d, config)
+    if args.merge and d.rank == 0:
+        if hasattr(model, "peft_config"):
+            merge_export(args, out)
+        else:
+            print0("--merge: full fine-tuning already exported a full model in final/")
+    barrier(d)
+    print0(f"done: {out / 'final'}")
+    return history
+
+
+def clip_grad(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+    return float(norm)
+
+
+def format_log(r: dict, total: int) -> str:
+    s = (f"step {r['step']:>6}/{total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
+         f"{r['step_time'] * 1000:.0f} ms | {r['tokens_per_s']:,.0f} tok/s")
+    if r["mfu"] is not None:
+        s += f" | mfu {100 * r['mfu']:.1f}%"
+    s += f" | mem {r['peak_mem_gb']:.2f} GB"
+    if "val_loss" in r:
+        s += f" | val {r['val_loss']:.4f}"
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def check_out(args):
+    ckpt = latest_checkpoint(Path(args.out))
+    if ckpt is not None and not args.resume:
+        raise InputError(f"{args.out} already has checkpoints ({ckpt.name}); pass --resume to continue it, "
+                         "or choose another --out")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = setup_distributed()
+    try:
+        config = check_model(args)
+        check_out(args)
+        docs = load_documents(args)
+        tok = load_tokenizer(args)
+        train_docs, val_docs = split_val(docs, args.val_frac, args.seed)
+        data, stats = pack_documents(tokenize(tok, train_docs, "tokenize"), args.seq_len, tok.eos_token_id,
+                                     tok.pad_token_id, args.doc_mask)
+        val = pack_documents(tokenize(tok, val_docs, "tokenize val"), args.seq_len, tok.eos_token_id,
+                             tok.pad_token_id, args.doc_mask)[0] if val_docs else None
+        plan_steps(args, len(data), d)  # validate batch settings before loading the model
+        print0(f"data: {len(train_docs)} documents, {stats['tokens']:,} tokens in {stats['rows']} rows of "
+               f"{args.seq_len}; {stats['pad_tokens']:,} pad tokens ({100 * stats['pad_tokens'] / (stats['rows'] * args.seq_len):.1f}%), "
+               f"{stats['dropped_tokens']} dropped" + (f"; validation: {len(val_docs)} documents" if val_docs else ""))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    torch.manual_seed(args.seed)
+    model = load_model(args, d, config)
+    train(args, model, tok, data, val, d, {"packing": stats})
+    if d.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
