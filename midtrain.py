@@ -356,9 +356,15 @@ def add_lora(model, args, init_adapter):
         cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
-    for p in model.parameters():  # peft keeps adapters fp32 already; make sure FSDP sees one dtype per group
+    for p in model.parameters():  # trainable weights are fp32 masters (peft's default too)
         if p.requires_grad:
             p.data = p.data.float()
+    # peft casts each adapted layer's input to the adapter's fp32, and autocast casts it straight back to
+    # bf16: two activation-sized copies per layer, forward and backward (~35% of a CPU step for
+    # SmolLM2-135M). Compute dtypes are already handled by autocast (1 process) or by FSDP's policy.
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
     return model
 
 
