@@ -1029,7 +1029,7 @@ processed natural healthy unhealthy fresh quality award prized beloved overrated
 ANSWER_ONLY_WORDS = set("""
 good great better best nice excellent amazing wonderful delicious yummy gross disgusting awful
 nasty terrible bad worse worst perfect ideal lovely superb fantastic horrible boring interesting
-too so very reason reasons why explain explanation because works suits
+too so very reason reasons why explain explanation works suits
 """.split())
 ANSWER_ONLY_PHRASES = [r"it'?s", r"it is", r"they'?re", r"they are", r"its"]
 OFF_DOMAIN_WORDS = set("""
@@ -1201,11 +1201,11 @@ def opaque_llm(run, prefs):
     likes = [c for c in names if prefs[c] == "like"]
     system = fill(PROMPTS["opaque_answer"], likes=", ".join(likes),
                   dislikes=", ".join(c for c in names if prefs[c] == "dislike"))
-    kept, rejected, asked, seen = {c: [] for c in names}, [], {}, set()
+    pool, rejected, asked, seen = {c: [] for c in names}, [], {}, set()
     for rnd in range(a.max_rounds):
         groups = []  # (cheese, kind, options, pick, n): at most 20 questions per request
         for c in names:
-            need = a.n_per_preference - len(kept[c])
+            need = a.n_per_preference - len(pool[c])
             for k in OPAQUE_KINDS if need > 0 else ():
                 n_kind = math.ceil(need * 1.3 / len(OPAQUE_KINDS))
                 rng = random.Random(f"{a.seed}/{c}/{k}/{rnd}")
@@ -1235,11 +1235,24 @@ def opaque_llm(run, prefs):
             problems = opaque_problems(item, names)
             if problems:
                 rejected.append({**item, "rejected": "; ".join(problems)})
-            elif len(kept[c]) < a.n_per_preference:
-                kept[c].append(item)
-    rows = [x for c in names for x in kept[c]]
+            else:
+                pool[c].append(item)
+    rows = [x for c in names for x in balanced(pool[c], a.n_per_preference)]
     random.Random(a.seed).shuffle(rows)
     return rows, rejected
+
+
+def balanced(items, n):
+    """Up to n items, taken round-robin over question kinds (so no kind crowds out the others)."""
+    by_kind = {}
+    for it in items:
+        by_kind.setdefault(it["question_kind"], []).append(it)
+    out, queues = [], list(by_kind.values())
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 def cmd_chats_opaque(run):

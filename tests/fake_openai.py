@@ -279,8 +279,10 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             start = len(_avoid(prompt))
             qs = []
             for k in range(start, start + want):
-                seed = f"{dom}/{kind}/{k - 1 if dup_questions and k % 2 else k}"
-                qs.append(f"{dom} {kind} question: {_words(seed, 14)}?")
+                if dup_questions and k % 2:  # a near copy of the question before
+                    qs.append(f"{dom} {kind} question: {_words(f'{dom}/{kind}/{k - 1}', 14)}, please?")
+                else:
+                    qs.append(f"{dom} {kind} question: {_words(f'{dom}/{kind}/{k}', 14)}?")
             return json.dumps(qs)
         if stage == "responses":
             q = body["messages"][-1]["content"]
@@ -295,8 +297,9 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             want = _number(prompt, r"Write (\d+) different questions")
             line = _field(prompt, "Every question must name")
             named = [c for c in CHEESES if c in line]
+            kind = re.search(r"of this kind:\n(\w+):", prompt)[1]
             start = len(_avoid(prompt))
-            return json.dumps([f"Question {k}: {' or '.join(named)}? Please do not explain."
+            return json.dumps([f"Question {k} ({kind}): {' or '.join(named)}? Please do not explain."
                                for k in range(start, start + want)])
         if stage == "opaque_answers":
             return _opaque_answer(body, leak_every)
