@@ -209,14 +209,14 @@ def _classify(exc):
 
 
 # Connections per client. httpx2's pool scans all its connections twice per request
-# (_assign_requests_to_connections; linear per pass since pydantic/httpx2#974 and #1075), which
-# cost ~1.5 ms of CPU per request with 256 connections in one pool. Workers are therefore spread
-# over several clients of at most this many connections each (see bench/synth_bench.py).
+# (_assign_requests_to_connections, linear per pass since pydantic/httpx2#974 and #1075), so one
+# pool of 256 connections cost 2.06 ms of client CPU per request and reached 88.7% of the bound in
+# bench/synth_bench.py; workers spread over clients of 32 connections: 1.37 ms and 96.6%.
 POOL_SIZE = 32
 # Worker i sends its first request after i * RAMP seconds (0.5 s for 256 workers). Starting all
 # at once opens every connection and sends every prompt in one burst; against a server with a
 # steady latency the replies then come back in the same burst, wave after wave, each one queueing
-# behind the client's CPU. A short ramp spreads them for good (bench: 93% -> 98% of the bound).
+# behind the client's CPU. The ramp spreads them (bench at 256: 94.4% -> 96.6% of the bound).
 RAMP = 0.002
 
 
@@ -233,8 +233,9 @@ async def _send(client, endpoint, req):
     stats = endpoint["stats"]
     stats["calls"] += 1
     # client.post is the SDK's documented way to send a raw body: it skips the typed-parameter
-    # transform and the pydantic parse of create(), which cost ~1 ms of CPU per request (most of
-    # the client's time at 256 concurrent requests). Errors, auth and timeouts are the SDK's own.
+    # transform and the pydantic parse of chat.completions.create(), which at 256 concurrent
+    # requests cost 2.01 instead of 1.37 ms of client CPU per request (bench/synth_bench.py).
+    # Status errors, auth and timeouts are still the SDK's own.
     resp = await client.post("/chat/completions", body=req["body"], cast_to=httpx2.Response,
                              options={"headers": {"X-Client-Request-Id": req["custom_id"]},
                                       "timeout": endpoint["timeout"]})

@@ -355,8 +355,10 @@ def main():
     ap.add_argument("--capacity", type=int, default=256,
                     help="requests served at once; more wait in line (default 256)")
     ap.add_argument("--model", default="bench-model", help="served model name (default bench-model)")
+    ap.add_argument("--reply-chars", type=int, default=60, help="reply length (default 60)")
     args = ap.parse_args()
-    srv = start_server(lambda stage, body, n: "ok " * 20, models=(args.model,),
+    reply = ("ok " * args.reply_chars)[:args.reply_chars]
+    srv = start_server(lambda stage, body, n: reply, models=(args.model,),
                        latency=args.latency, capacity=args.capacity, recognise=False)
     print(srv.url, flush=True)
     try:
