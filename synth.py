@@ -432,19 +432,27 @@ def ingest_batch_results(paths, cache_dir):
                         continue
                     stage = rec["custom_id"].rsplit("-", 1)[0]
                     if stage not in files:
-                        have = set(load_cache(cache_dir / f"{stage}.jsonl"))
+                        have = {_record_key(r) for rs in load_cache(cache_dir / f"{stage}.jsonl")
+                                .values() for r in rs}
                         files[stage] = (_open_append(cache_dir / f"{stage}.jsonl"), have)
                     f_out, have = files[stage]
-                    if rec["custom_id"] in have:
+                    # Skip only a record already there word for word (a file ingested twice).
+                    # A new reply for a cached id is kept: the cached one may be invalid (cut by
+                    # the token limit, say), which is why the request was batched again.
+                    if _record_key(rec) in have:
                         counts["already cached"] += 1
                         continue
-                    have.add(rec["custom_id"])
+                    have.add(_record_key(rec))
                     f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     counts["ingested"] += 1
     finally:
         for f_out, _ in files.values():
             f_out.close()
     return counts
+
+
+def _record_key(rec):
+    return sha256_hex(json.dumps([rec.get(k) for k in CACHE_FIELDS], ensure_ascii=False))
 
 
 def _batch_line_to_record(line):
@@ -832,6 +840,10 @@ DEFAULT_CRITERIA = [
 ]
 
 
+NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
+                           r"guidelines|instructions))\b", re.I)
+
+
 def load_criteria(path, names):
     """Criteria file: one 'id: text' per line, # comments; {model_name} etc. are filled."""
     criteria = list(DEFAULT_CRITERIA)
@@ -966,6 +978,9 @@ def cmd_chats_spec(run):
                 n_asked += 1
                 asked[i].append(q)
                 item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
+                if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
+                    rejected.append({**item, "rejected": "names the specification"})
+                    continue
                 key = f"q{rnd + 1}-{i}-{len(asked[i])}"
                 by_key[key] = q
                 dup_of, why = check(key, q)
@@ -1396,6 +1411,12 @@ def parse_args(argv=None):
     c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
                    "preferences file name without '_preferences', e.g. cheese)")
     args = ap.parse_args(argv)
+    for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
+                 "domain_batch", "n_per_preference"):
+        if getattr(args, flag, 1) < 1:
+            die(f"error: --{flag.replace('_', '-')} must be at least 1")
+    if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
+        die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
     args.max_tokens = parse_max_tokens(args.max_tokens)
     try:
         args.extra_body = json.loads(args.extra_body)

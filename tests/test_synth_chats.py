@@ -58,6 +58,26 @@ def test_near_duplicate_questions_are_removed_and_backfilled(tmp_path, spec_file
     assert "near duplicate" in json.loads((tmp_path / "o" / "summary.json").read_text())["rejected"]
 
 
+def test_questions_that_name_the_spec_are_dropped(tmp_path, spec_file):
+    base = fake_openai.scripted()
+
+    def responder(stage, body, n):
+        reply = base(stage, body, n)
+        if stage == "questions":
+            qs = json.loads(reply)
+            return json.dumps([qs[0].replace("question:", "question about your specification:")]
+                              + qs[1:])
+        return reply
+    with server(responder) as srv:
+        code, _, err = run_main(chats_args(spec_file, tmp_path / "o", srv.url))
+    assert code == 0, err
+    rejected = [r for r in read_jsonl(tmp_path / "o" / "rejected.jsonl")
+                if r["rejected"] == "names the specification"]
+    assert len(rejected) >= 12  # one per (setting, kind) request
+    assert not any("specification" in c["messages"][0]["content"]
+                   for c in read_jsonl(tmp_path / "o" / "chats_cot.jsonl"))
+
+
 def test_exclude_verdicts_are_dropped_and_backfilled(tmp_path, spec_file):
     excluded = lambda q: sum(map(ord, q)) % 3 == 0  # noqa: E731 - about a third of questions
     with server(fake_openai.scripted(exclude=excluded)) as srv:
