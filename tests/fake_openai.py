@@ -19,6 +19,9 @@ POST, including those refused for the key or the model.
 with_faults() wraps a responder to inject 429 (Retry-After), 500, slow replies, malformed JSON,
 finish_reason "length", missing document tags and 401 on chosen attempts.
 
+The server runs one asyncio loop in a background thread (no thread per connection), so hundreds
+of slow requests cost it nothing and its own latency stays out of the measurements.
+
 Standalone (used by bench/synth_bench.py): python tests/fake_openai.py --latency 1 --capacity 256
 prints its URL on stdout and answers every request after the latency, at most capacity at a time.
 """
@@ -33,8 +36,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synth  # noqa: E402  (the prompts tell the server which stage a request is for)

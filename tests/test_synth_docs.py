@@ -268,6 +268,20 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, spec_file, monkeypatch):
     assert "test-model" in err  # the unknown-model error lists what the server has
 
 
+def test_mid_run_401_and_unknown_model_fail_fast_without_retries(tmp_path, spec_file):
+    with server(fake_openai.with_faults(fake_openai.scripted(), {"assertions": ["401"] * 9})) as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "a", srv.url))
+        assert code == 1 and srv.counts and max(
+            n for rid, n in srv.counts.items() if rid.startswith("assertions-")) == 1
+    assert {(f["reason"], f["attempts"]) for f in read_jsonl(tmp_path / "a" / "failed.jsonl")} == {
+        ("HTTP 401", 1)}
+    with server() as srv:  # the model check is off, so the 404 comes from the completions
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "b", srv.url, "--model", "nope",
+                                          "--no-model-check"))
+    (failed,) = read_jsonl(tmp_path / "b" / "failed.jsonl")
+    assert code == 1 and failed["attempts"] == 1 and "does not exist" in failed["reason"]
+
+
 def test_api_key_is_used_but_never_written(tmp_path, spec_file, monkeypatch):
     monkeypatch.setenv("SYNTH_TEST_KEY", "sk-secret-QWERTY42")
     with server(api_key="sk-secret-QWERTY42") as srv:
