@@ -51,6 +51,7 @@ PROMPT_DIR = ROOT / "prompts"
 # fill() below; any other braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
 
+# Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
 CHAT_STAGES = ["chat_domains", "questions", "responses", "filter"]
 OPAQUE_STAGES = ["opaque_questions", "opaque_answers"]
