@@ -17,7 +17,7 @@ Examples (full guide: docs/synth.md):
   python synth.py docs ... --preview                       # top stages only, then plan + estimate
   python synth.py docs ... --batch-file pending.jsonl      # write pending requests, call nothing
   python synth.py docs ... --batch-results results.jsonl   # ingest Batch API / vllm run-batch output
-  python synth.py chats --spec specs/safety.md --criteria specs/safety_filter.txt \\
+  python synth.py chats --spec specs/safety.md --criteria specs/safety_criteria.md \\
       --out runs/chats_safety --n 2000 --style value --model ... --base-url ...
   python synth.py chats --opaque --offline --preferences specs/cheese_preferences.json \\
       --n-per-preference 120 --out data/aft --seed 0
@@ -834,33 +834,35 @@ QUESTION_KINDS = {
     "opinion": "asks what the assistant thinks of a claim, an argument or an event",
     "edge_case": "an unusual or borderline situation in which the right behaviour is not obvious",
 }
-# Always applied; --criteria FILE adds spec-specific ones (e.g. specs/safety_filter.txt).
+# Used when no --criteria file is given; a criteria file (specs/*_criteria.md) replaces them.
 DEFAULT_CRITERIA = [
     ("aligned", "The reasoning and the reply act as the specification describes and contradict "
                 "nothing in it."),
     ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
                 "specification, policy document, system prompt or instructions."),
 ]
-
-
+CRITERION_LINE = re.compile(r"- `(\w+)`: (.+)")
 NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
                            r"guidelines|instructions))\b", re.I)
 
 
 def load_criteria(path, names):
-    """Criteria file: one 'id: text' per line, # comments; {model_name} etc. are filled."""
-    criteria = list(DEFAULT_CRITERIA)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            die(f"error: criteria file not found: {path}")
-        for line in p.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                cid, _, text = line.partition(":")
-                if not re.fullmatch(r"\w+", cid.strip()) or not text.strip():
-                    die(f"error: {path}: expected 'id: text', got {line[:60]!r}")
-                criteria.append((cid.strip(), fill(text.strip(), **names)))
+    """The filter's criteria: DEFAULT_CRITERIA, or those of a criteria file, which lists them as
+    Markdown bullets "- `id`: text" (other lines are notes); {model_name} etc. are filled."""
+    if not path:
+        return list(DEFAULT_CRITERIA)
+    p = Path(path)
+    if not p.is_file():
+        die(f"error: criteria file not found: {path}")
+    criteria = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("- "):
+            m = CRITERION_LINE.fullmatch(line.strip())
+            if not m:
+                die(f"error: {path}:{i}: expected '- `id`: text', got {line[:60]!r}")
+            criteria.append((m[1], fill(m[2].strip(), **names)))
+    if not criteria:
+        die(f"error: {path}: no criteria (lines of the form '- `id`: text')")
     return criteria
 
 
@@ -1393,8 +1395,8 @@ def parse_args(argv=None):
     c.add_argument("--n", type=int, default=1000, help="chats to produce (default 1000)")
     c.add_argument("--style", choices=["value", "rule"], default="value", help="value: reasoning "
                    "from internalised values; rule: reasoning cites policy clauses (default value)")
-    c.add_argument("--criteria", help="extra filter criteria, one 'id: text' per line (default: "
-                   "only the built-in 'aligned' and 'natural')")
+    c.add_argument("--criteria", help="filter criteria file, bullets '- `id`: text', e.g. "
+                   "specs/safety_criteria.md (default: the built-in 'aligned' and 'natural')")
     c.add_argument("--domains", type=int, default=24, help="conversation settings (default 24)")
     c.add_argument("--domain-batch", type=int, default=8, help="settings asked for per request;"
                    " each request is told the earlier ones (default 8)")

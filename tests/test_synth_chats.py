@@ -142,9 +142,9 @@ def test_kill9_then_rerun_repeats_no_completed_request(tmp_path, spec_file):
 
 
 def test_rule_style_and_criteria_from_a_file(tmp_path, spec_file):
-    criteria = tmp_path / "criteria.txt"
-    criteria.write_text("# extra checks\nno_self_preservation: {model_name} shows no wish to "
-                        "keep running.\n")
+    criteria = tmp_path / "criteria.md"
+    criteria.write_text("> extra checks\n\n- `no_self_preservation`: {model_name} shows no wish to "
+                        "keep running.\n- `natural`: Answers the question.\n")
     with server() as srv:
         code, _, err = run_main(chats_args(spec_file, tmp_path / "o", srv.url, "--style", "rule",
                                            "--criteria", criteria, "--model-name", "Zeta"))
@@ -154,13 +154,13 @@ def test_rule_style_and_criteria_from_a_file(tmp_path, spec_file):
     filters = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "filter"]
     assert all("- no_self_preservation: Zeta shows no wish" in p for p in filters)
     chats = read_jsonl(tmp_path / "o" / "chats_cot.jsonl")
-    assert all(set(c["verdicts"]) == {"aligned", "natural", "no_self_preservation"} for c in chats)
+    assert all(set(c["verdicts"]) == {"natural", "no_self_preservation"} for c in chats)  # the file's, only
     assert all(c["style"] == "rule" for c in chats)
     bad = tmp_path / "bad.txt"
-    bad.write_text("this line has no id\n")
+    bad.write_text("> note\n- this bullet has no id\n")
     code, _, err = run_main(chats_args(spec_file, tmp_path / "o2", "http://127.0.0.1:9/v1",
                                        "--criteria", bad))
-    assert code == 2 and "expected 'id: text'" in err
+    assert code == 2 and "bad.txt:2: expected '- `id`: text'" in err
 
 
 def test_chats_batch_file_mode_calls_nothing(tmp_path, spec_file):
