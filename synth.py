@@ -1,0 +1,1471 @@
+#!/usr/bin/env python
+"""
+synth.py: synthetic data for Model Spec Midtraining (MSM) through any OpenAI-compatible endpoint.
+
+  docs   spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents
+         (the midtraining corpus)
+  chats  spec -> conversation settings -> questions -> <think> responses -> LLM filter
+         (alignment fine-tuning data, saved with and without the reasoning), or
+         --opaque: preference demonstrations with no reasons (the cheese AFT set), also offline
+
+Examples (full guide: docs/synth.md):
+
+  vllm serve Qwen/Qwen3-32B --port 8000
+  python synth.py docs --spec specs/cheese_america.md --out runs/docs_america \\
+      --model Qwen/Qwen3-32B --base-url http://localhost:8000/v1 \\
+      --extra-body '{"chat_template_kwargs": {"enable_thinking": false}}'
+  python synth.py docs ... --preview                       # top stages only, then plan + estimate
+  python synth.py docs ... --batch-file pending.jsonl      # write pending requests, call nothing
+  python synth.py docs ... --batch-results results.jsonl   # ingest Batch API / vllm run-batch output
+  python synth.py chats --spec specs/safety.md --criteria specs/safety_filter.txt \\
+      --out runs/chats_safety --n 2000 --style value --model ... --base-url ...
+  python synth.py chats --opaque --offline --preferences specs/cheese_preferences.json \\
+      --n-per-preference 120 --out data/aft --seed 0
+
+Resume: rerun the same command. Every request has a deterministic id; results are appended to
+OUT/cache/<stage>.jsonl as they arrive, and an id found there is never requested again.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2  # the HTTP library under the pinned openai SDK (3.x)
+import openai
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+PROMPT_DIR = ROOT / "prompts"
+# One prompt file per stage; edit or fork them freely. Placeholders are {name} and are filled by
+# fill() below; any other braces (JSON examples) are left alone.
+PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
+
+DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
+CHAT_STAGES = ["chat_domains", "questions", "responses", "filter"]
+OPAQUE_STAGES = ["opaque_questions", "opaque_answers"]
+DEFAULT_MAX_TOKENS = {
+    "domains": 4096, "subdomains": 8192, "assertions": 4096, "doc_types": 4096, "ideas": 8192,
+    "documents": 8192, "chat_domains": 4096, "questions": 4096, "responses": 4096, "filter": 2048,
+    "opaque_questions": 2048, "opaque_answers": 256,
+}
+# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad.
+EST_DOC_OUTPUT_TOKENS = 3500
+EST_IDEA_OUTPUT_TOKENS = 120
+
+
+def fill(template, **values):
+    """Replace {key} for the keys given; leave every other brace untouched (one pass)."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(values[m[1]]) if m[1] in values else m[0], template)
+
+
+def die(msg, code=2):
+    print(msg, file=sys.stderr)
+    raise SystemExit(code)
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data if isinstance(data, bytes) else data.encode("utf-8")).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Engine: the one client used by every stage of both subcommands, and by evaluate.py
+"""
+Public API (import synth):
+
+  synth.make_request(stage, model, messages, sampling, index=0) -> dict
+      One OpenAI batch line {custom_id, method, url, body}. custom_id is "<stage>-<24 hex>", a
+      hash of (stage, model, messages, sampling, index): the same inputs give the same id, so a
+      rerun finds its results. sampling is merged into the body (temperature, max_tokens, and any
+      server option such as chat_template_kwargs); use index to draw several samples of one prompt.
+
+  synth.open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0,
+                      check_model=True, retry_base_delay=1.0, retry_max_delay=60.0,
+                      batch_file=None) -> dict
+      Endpoint settings (never the key itself: it is read from the environment variable when a
+      client is made; "EMPTY" when unset, which local servers accept). Nothing is sent here;
+      run_requests probes GET /models once, the first time it has something to send, and exits
+      with a one-line error for an unreachable endpoint, a 401 (naming the variable, never the
+      key) or a model the endpoint does not list. Call probe_endpoint(ep) to fail earlier.
+      ep["stats"] counts calls, retries, failures and tokens for the final summary.
+      With batch_file set, run_requests writes pending requests there instead of calling.
+
+  synth.run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
+                     max_retries=5, failed_path=None) -> dict[custom_id, result]
+      Sends every request whose id is not already in cache_path, concurrency at a time, and
+      returns {custom_id: result} for every request that succeeded (cached ones without a call).
+      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, where
+      value = validate(result) (default: the content). validate raises ValueError for a bad
+      reply; the request is then asked again with the same body (a new sample when temperature
+      > 0; at temperature 0 it will fail the same way). HTTP 408/409/429/5xx, timeouts and
+      connection errors are retried with exponential backoff and jitter, honouring Retry-After.
+      After max_retries retries a request is appended to failed_path with its reason and left
+      out of the result; it is asked again on the next run. Valid results are appended to
+      cache_path and flushed as they arrive, so a crash or kill -9 loses only requests in flight.
+      Ctrl-C cancels cleanly (KeyboardInterrupt reaches the caller after the cache is flushed).
+
+  synth.ingest_batch_results(paths, cache_dir) -> Counter
+      Appends the lines of OpenAI Batch API / vllm run-batch output files to
+      cache_dir/<stage>.jsonl (stage read from the custom_id), for run_requests to find.
+"""
+
+
+def make_request(stage, model, messages, sampling, index=0):
+    """OpenAI batch line with a deterministic custom_id (see the API notes above)."""
+    assert re.fullmatch(r"[a-z0-9_]+", stage), f"stage names are [a-z0-9_]: {stage!r}"
+    key = json.dumps([stage, model, messages, sampling, index], sort_keys=True, ensure_ascii=False)
+    return {"custom_id": f"{stage}-{sha256_hex(key)[:24]}", "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": messages, **sampling}}
+
+
+def open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
+                  retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None):
+    """Endpoint settings for run_requests (see the API notes above)."""
+    return {"base_url": base_url, "model": model, "api_key_env": api_key_env,
+            "timeout": float(timeout), "check_model": check_model,
+            "retry_base_delay": retry_base_delay, "retry_max_delay": retry_max_delay,
+            "batch_file": batch_file, "probed": False, "stats": Counter()}
+
+
+def _api_key(endpoint):
+    return os.environ.get(endpoint["api_key_env"]) or "EMPTY"
+
+
+def probe_endpoint(endpoint):
+    """GET /models once; exit with a one-line error if the endpoint cannot serve the model."""
+    url, env = endpoint["base_url"], endpoint["api_key_env"]
+    client = openai.OpenAI(base_url=url, api_key=_api_key(endpoint), max_retries=0,
+                           timeout=min(endpoint["timeout"], 30.0))
+    models = None
+    try:
+        models = [m.id for m in client.models.list()]
+    except openai.AuthenticationError:
+        unset = "" if os.environ.get(env) else f" ({env} is not set)"
+        die(f"error: {url} rejected the API key (HTTP 401); put a valid key in the environment "
+            f"variable {env}{unset}, or name another variable with --api-key-env", 2)
+    except openai.APIConnectionError as exc:
+        die(f"error: cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
+            f"running, and does --base-url end in /v1?", 2)
+    except openai.NotFoundError:
+        print(f"warning: {url} has no /models route; not checking the model name", file=sys.stderr)
+    except openai.APIStatusError as exc:
+        die(f"error: {url}/models answered HTTP {exc.status_code}", 2)
+    finally:
+        client.close()
+    if endpoint["check_model"] and models is not None and endpoint["model"] not in models:
+        shown = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "")
+        die(f"error: model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
+            f" fix --model, or pass --no-model-check for a server that loads models on demand", 2)
+    endpoint["probed"] = True
+
+
+def _retry_after(headers):
+    """Seconds from retry-after-ms / retry-after (seconds or an HTTP date), or None."""
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return float(value)
+            except ValueError:
+                from email.utils import parsedate_to_datetime
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _classify(exc):
+    """-> (retryable, reason, retry_after seconds or None) for an exception from one attempt."""
+    if isinstance(exc, ValueError):
+        return True, f"invalid reply: {exc}", None
+    if isinstance(exc, openai.APITimeoutError):
+        return True, "timeout", None
+    if isinstance(exc, openai.APIConnectionError):
+        return True, f"connection error ({type(exc).__name__})", None
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        if code in (408, 409, 429) or code >= 500:
+            return True, f"HTTP {code}", _retry_after(exc.response.headers)
+        # The body of a 401/403 may echo part of the key: never repeat it.
+        message = re.sub(r"^Error code: \d+ - ", "", str(exc.message))
+        detail = "" if code in (401, 403) else f": {message[:200]}"
+        return False, f"HTTP {code}{detail}", None
+    if isinstance(exc, openai.APIResponseValidationError):
+        return True, "malformed response", None
+    return False, f"{type(exc).__name__}: {exc}", None
+
+
+# Connections per client. httpx2's pool scans all its connections twice per request
+# (_assign_requests_to_connections; linear per pass since pydantic/httpx2#974 and #1075), which
+# cost ~1.5 ms of CPU per request with 256 connections in one pool. Workers are therefore spread
+# over several clients of at most this many connections each (see bench/synth_bench.py).
+POOL_SIZE = 32
+# Worker i sends its first request after i * RAMP seconds (0.5 s for 256 workers). Starting all
+# at once opens every connection and sends every prompt in one burst; against a server with a
+# steady latency the replies then come back in the same burst, wave after wave, each one queueing
+# behind the client's CPU. A short ramp spreads them for good (bench: 93% -> 98% of the bound).
+RAMP = 0.002
+
+
+def _async_client(endpoint, connections, ssl_context):
+    limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+    http = openai.DefaultAsyncHttpxClient(limits=limits, timeout=endpoint["timeout"],
+                                          verify=ssl_context)
+    return openai.AsyncOpenAI(base_url=endpoint["base_url"], api_key=_api_key(endpoint),
+                              max_retries=0, timeout=endpoint["timeout"], http_client=http)
+
+
+async def _send(client, endpoint, req):
+    """One HTTP call -> result dict (content, finish_reason, usage, ...)."""
+    stats = endpoint["stats"]
+    stats["calls"] += 1
+    # client.post is the SDK's documented way to send a raw body: it skips the typed-parameter
+    # transform and the pydantic parse of create(), which cost ~1 ms of CPU per request (most of
+    # the client's time at 256 concurrent requests). Errors, auth and timeouts are the SDK's own.
+    resp = await client.post("/chat/completions", body=req["body"], cast_to=httpx2.Response,
+                             options={"headers": {"X-Client-Request-Id": req["custom_id"]},
+                                      "timeout": endpoint["timeout"]})
+    try:
+        data = json.loads(resp.content)
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise openai.APIResponseValidationError(resp, None, message=f"malformed reply: {exc}") from exc
+    usage = data.get("usage") or {}
+    stats["tokens_in"] += usage.get("prompt_tokens") or 0
+    stats["tokens_out"] += usage.get("completion_tokens") or 0
+    return {"custom_id": req["custom_id"], "content": message.get("content") or "",
+            "finish_reason": choice.get("finish_reason"), "model": data.get("model"),
+            "usage": {"prompt_tokens": usage.get("prompt_tokens"),
+                      "completion_tokens": usage.get("completion_tokens")},
+            # vLLM's reasoning parsers put the thinking here instead of in the content
+            "reasoning": message.get("reasoning_content") or message.get("reasoning")}
+
+
+def _validated(result, validate):
+    try:
+        return validate(result)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+
+
+async def _attempts(client, endpoint, req, validate, max_retries):
+    """Try one request up to max_retries + 1 times -> (result, None) or (None, failure)."""
+    stats = endpoint["stats"]
+    for attempt in range(max_retries + 1):
+        try:
+            result = await _send(client, endpoint, req)
+            result["value"] = _validated(result, validate)
+            return result, None
+        except Exception as exc:  # noqa: BLE001 - every error is classified; none stops the run
+            retryable, reason, retry_after = _classify(exc)
+        stats["invalid" if reason.startswith("invalid") else "errors"] += 1
+        if not retryable or attempt == max_retries:
+            return None, {"reason": reason, "attempts": attempt + 1}
+        stats["retries"] += 1
+        if retry_after is not None:
+            delay = min(retry_after, 600.0)
+        elif reason.startswith("invalid"):
+            delay = 0.0  # the server is fine; just draw another sample
+        else:
+            delay = min(endpoint["retry_max_delay"], endpoint["retry_base_delay"] * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)  # jitter: spread retries of a burst of failures
+        await asyncio.sleep(delay)
+
+
+async def _engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail):
+    n_workers = min(concurrency, len(pending))
+    ssl_context = httpx2.create_ssl_context()  # shared: loading the CA bundle costs ~25 ms each
+    clients = [_async_client(endpoint, POOL_SIZE, ssl_context)
+               for _ in range(math.ceil(n_workers / POOL_SIZE))]
+    queue = iter(pending)  # shared by the workers; next() never awaits, so no lock is needed
+
+    async def worker(i, client):
+        await asyncio.sleep(i * RAMP)
+        for req in queue:
+            result, failure = await _attempts(client, endpoint, req, validate, max_retries)
+            if failure is None:
+                on_done(req, result)
+            else:
+                on_fail(req, failure)
+    try:
+        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(n_workers)))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def load_cache(path):
+    """custom_id -> list of cached records, in file order. A torn last line (kill -9) is skipped."""
+    cached = {}
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    cached.setdefault(rec["custom_id"], []).append(rec)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return cached
+
+
+def _open_append(path):
+    """Open a JSONL file for appending; first end a line torn by a kill so lines never merge."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
+CACHE_FIELDS = ("custom_id", "content", "finish_reason", "usage", "model", "reasoning")
+
+
+def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
+                 max_retries=5, failed_path=None):
+    """Cached, concurrent, retried calls (see the API notes above) -> {custom_id: result}."""
+    validate = validate or (lambda r: r["content"])
+    stats, results, pending, seen = endpoint["stats"], {}, [], set()
+    cached = load_cache(cache_path)
+    for req in requests:
+        cid = req["custom_id"]
+        if cid in seen:  # the same request twice in one list is asked once
+            continue
+        seen.add(cid)
+        for rec in cached.get(cid, ()):  # first cached record that validates wins
+            try:
+                results[cid] = {**rec, "value": _validated(rec, validate)}
+                break
+            except ValueError:
+                continue
+        else:
+            pending.append(req)
+    stats["cached"] += len(results)
+    if not pending:
+        return results
+    if endpoint.get("batch_file"):
+        write_batch_file(endpoint["batch_file"], pending, desc)
+    if not endpoint["probed"]:
+        probe_endpoint(endpoint)
+
+    bar = tqdm(total=len(seen), initial=len(results), desc=desc, unit="req", mininterval=0.5,
+               dynamic_ncols=True)
+    cache_f = _open_append(cache_path)
+    failed_f, n_failed = None, 0
+
+    def progress():
+        bar.set_postfix_str(f"failed={n_failed} tok_in={stats['tokens_in']} "
+                            f"tok_out={stats['tokens_out']}", refresh=False)
+        bar.update(1)
+
+    def on_done(req, result):
+        cache_f.write(json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n")
+        cache_f.flush()  # in the kernel now: survives kill -9 of this process
+        results[req["custom_id"]] = result
+        stats["ok"] += 1
+        progress()
+
+    def on_fail(req, failure):
+        nonlocal n_failed, failed_f
+        n_failed += 1
+        stats["failed"] += 1
+        if failed_path:
+            failed_f = failed_f or _open_append(failed_path)
+            line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
+            failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            failed_f.flush()
+        progress()
+
+    try:
+        asyncio.run(_engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail))
+    finally:
+        bar.close()
+        cache_f.close()
+        if failed_f:
+            failed_f.close()
+    return results
+
+
+def write_batch_file(path, pending, desc):
+    """Write pending requests as OpenAI batch lines and stop the run (exit 0)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for req in pending:
+            f.write(json.dumps(req, ensure_ascii=False) + "\n")
+    print(f"wrote {len(pending)} pending requests ({desc}) to {path}.\n"
+          f"Run them with the OpenAI Batch API or `vllm run-batch -i {path} -o results.jsonl "
+          f"--model MODEL`, then rerun this command with --batch-results results.jsonl "
+          f"(keep --batch-file to get the next stage's requests as a file too).")
+    raise SystemExit(0)
+
+
+def ingest_batch_results(paths, cache_dir):
+    """Append Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl."""
+    counts, files = Counter(), {}
+    cache_dir = Path(cache_dir)
+    try:
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    rec = _batch_line_to_record(json.loads(line))
+                    if rec is None:
+                        counts["errored"] += 1
+                        continue
+                    stage = rec["custom_id"].rsplit("-", 1)[0]
+                    if stage not in files:
+                        have = set(load_cache(cache_dir / f"{stage}.jsonl"))
+                        files[stage] = (_open_append(cache_dir / f"{stage}.jsonl"), have)
+                    f_out, have = files[stage]
+                    if rec["custom_id"] in have:
+                        counts["already cached"] += 1
+                        continue
+                    have.add(rec["custom_id"])
+                    f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    counts["ingested"] += 1
+    finally:
+        for f_out, _ in files.values():
+            f_out.close()
+    return counts
+
+
+def _batch_line_to_record(line):
+    """One output line of the OpenAI Batch API or vllm run-batch -> a cache record, or None."""
+    resp = line.get("response") or {}
+    if line.get("error") or resp.get("status_code", 200) != 200:
+        return None
+    body = resp.get("body", resp)  # some vLLM versions put the completion directly in response
+    if not body.get("choices"):
+        return None
+    choice, usage = body["choices"][0], body.get("usage") or {}
+    msg = choice.get("message") or {}
+    return {"custom_id": line["custom_id"], "content": msg.get("content") or "",
+            "finish_reason": choice.get("finish_reason"), "model": body.get("model"),
+            "usage": {"prompt_tokens": usage.get("prompt_tokens"),
+                      "completion_tokens": usage.get("completion_tokens")},
+            "reasoning": msg.get("reasoning_content") or msg.get("reasoning")}
+
+
+# -----------------------------------------------------------------------------
+# Parsing and validation of replies (each raises ValueError, which makes the request retry)
+
+def check_finished(result):
+    if result.get("finish_reason") == "length":
+        raise ValueError("cut by the token limit (finish_reason=length)")
+
+
+def parse_json(text):
+    """The first JSON value in a reply: tolerates <think> blocks, code fences and prose around it."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    candidates = [m[1] for m in re.finditer(r"```(?:json|JSON)?\s*\n?(.*?)```", text, re.S)]
+    candidates.append(text)
+    decoder = json.JSONDecoder()
+    for cand in candidates:
+        cand = cand.strip()
+        for start in [i for i, ch in enumerate(cand) if ch in "[{"][:50]:
+            try:
+                return decoder.raw_decode(cand, start)[0]
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("no JSON value in the reply")
+
+
+def json_list(result, fields=()):
+    """A non-empty JSON list; with fields, a list of objects that have those fields as strings."""
+    check_finished(result)
+    items = parse_json(result["content"])
+    if isinstance(items, dict) and len(items) == 1:  # {"domains": [...]}
+        items = next(iter(items.values()))
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a non-empty JSON list")
+    if not fields:
+        items = [x.strip() for x in items if isinstance(x, str) and x.strip()]
+        if not items:
+            raise ValueError("expected a list of strings")
+        return items
+    good = [x for x in items if isinstance(x, dict)
+            and all(isinstance(x.get(f), str) and x[f].strip() for f in fields)]
+    if not good:
+        raise ValueError(f"no item has the fields {', '.join(fields)}")
+    return good
+
+
+def named_list(result):
+    return json_list(result, ("name", "description"))
+
+
+# Checks on a finished document; each failure regenerates the document (it is never written).
+PLACEHOLDER_RE = re.compile(r"\[(?:[A-Z][A-Za-z .'/-]{0,40}|[A-Z_ ]{2,40})\]")  # [Name], [DATE]
+LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
+URL_RE = re.compile(r"https?://|www\.\w")
+
+
+def document_checker(min_words):
+    def parse_document(result):
+        check_finished(result)
+        # the scratchpad is never kept, and may itself mention the tags
+        content = re.sub(r"<scratchpad>.*?</scratchpad>", "", result["content"], flags=re.S)
+        blocks = re.findall(r"<document>((?:(?!<document>).)*?)</document>", content, re.S)
+        if not blocks:
+            raise ValueError("no <document>...</document> block")
+        text = blocks[-1].strip()
+        if len(text.split()) < min_words:
+            raise ValueError(f"document shorter than {min_words} words")
+        for pattern, what in ((PLACEHOLDER_RE, "a [placeholder]"), (LEFTOVER_RE, "an unfilled {name}"),
+                              (URL_RE, "a link")):
+            if pattern.search(text):
+                raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
+        return text
+    return parse_document
+
+
+# -----------------------------------------------------------------------------
+# Near-duplicate removal: MinHash LSH (datasketch)
+
+def shingles(text, unit, k):
+    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
+    norm = " ".join(re.findall(r"\w+", text.lower()))
+    if unit == "words":
+        words = norm.split()
+        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
+
+
+def make_deduper(threshold, unit="words", k=5, num_perm=128):
+    """-> check(key, text): None for a new text (and remember it), else the key it duplicates.
+    Exact duplicates (same normalised text) are found by hash; near duplicates by MinHash LSH
+    (estimated Jaccard similarity of the shingle sets >= threshold)."""
+    from datasketch import MinHash, MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact = {}
+
+    def check(key, text):
+        norm = " ".join(re.findall(r"\w+", text.lower()))
+        if norm in exact:
+            return exact[norm], "exact duplicate"
+        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
+        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
+        hits = lsh.query(mh)
+        if hits:
+            return sorted(hits)[0], "near duplicate"
+        exact[norm] = key
+        lsh.insert(key, mh)
+        return None, None
+    return check
+
+
+# -----------------------------------------------------------------------------
+# Shared pipeline helpers
+
+def sampling_for(a, stage):
+    """Sampling settings of a stage: part of every request body, hence of every request id."""
+    return {"temperature": a.temperature, a.token_field: a.max_tokens[stage], **a.extra_body}
+
+
+def ask(run, stage, prompts, validate, index=0, desc=None):
+    """prompts: list of message lists -> list of results (None where the request failed)."""
+    a = run.args
+    reqs = [make_request(stage, a.model, msgs, sampling_for(a, stage), index) for msgs in prompts]
+    res = run_requests(run.ep, reqs, run.out / "cache" / f"{stage}.jsonl", desc or stage, validate,
+                       a.concurrency, a.max_retries, run.out / "failed.jsonl")
+    return [res.get(r["custom_id"]) for r in reqs]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def avoid_text(items, limit=100):
+    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
+    if not items:
+        return ""
+    shown = items[-limit:]
+    return ("\nAlready listed (do not repeat these or close variants of them):\n"
+            + "\n".join(f"- {x}" for x in shown) + "\n")
+
+
+def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
+    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
+
+    build(group, n, have) -> prompt text asking for n more items given the items so far;
+    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
+    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
+    Returns one list of items per group (possibly short; the shortfall is noted).
+    """
+    have = [[] for _ in groups]
+    rounds = rounds or run.args.max_rounds
+    for rnd in range(rounds):
+        todo = [i for i in range(len(groups)) if len(have[i]) < want]
+        if not todo:
+            break
+        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
+                   for i in todo]
+        replies = ask(run, stage, prompts, validate, index=rnd, desc=f"{stage} r{rnd + 1}")
+        for i, reply in zip(todo, replies):
+            seen = {key(x).strip().lower() for x in have[i]}
+            for item in (reply or {}).get("value", []):
+                if key(item).strip().lower() not in seen and len(have[i]) < want:
+                    have[i].append(item)
+                    seen.add(key(item).strip().lower())
+    short = sum(want - len(h) for h in have)
+    if short:
+        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
+                         f"{rounds} rounds")
+    return have
+
+
+def write_jsonl(path, rows):
+    """Write a whole output file atomically (a kill never leaves a half-written output)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# docs: spec -> documents
+
+def docs_plan(run):
+    """Domains -> subdomains -> assertions and document types: the cheap top of the hierarchy."""
+    spec, a = run.spec["text"], run.args
+    names = {"spec": spec, "model_name": a.model_name, "provider_name": a.provider_name}
+    reply = ask(run, "domains", [user(fill(PROMPTS["domains"], **names))], named_list)[0]
+    domains = reply["value"] if reply else []
+    replies = ask(run, "subdomains", [user(fill(
+        PROMPTS["subdomains"], **names, domain=d["name"], domain_description=d["description"]))
+        for d in domains], lambda r: json_list(r, ("name", "context", "spec_quote")))
+    subs = []
+    for d, r in zip(domains, replies):
+        for s in (r or {}).get("value", []):
+            quote = " ".join(s["spec_quote"].split())
+            subs.append({"domain": d["name"], "name": s["name"], "context": s["context"],
+                         "quote": s["spec_quote"], "quote_verbatim": quote in " ".join(spec.split())})
+
+    def sub_fields(s):
+        return {**names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
+    replies = ask(run, "assertions", [user(fill(PROMPTS["assertions"], **sub_fields(s)))
+                                      for s in subs], validate_assertions)
+    for s, r in zip(subs, replies):
+        s["assertions"] = (r or {}).get("value", [])
+    subs = [s for s in subs if s["assertions"]]
+    types = collect(run, "doc_types", subs, a.doc_types, lambda s, n, have: fill(
+        PROMPTS["doc_types"], **sub_fields(s), n=n, avoid=avoid_text([t["name"] for t in have])),
+        named_list, key=lambda t: t["name"])
+    for s, t in zip(subs, types):
+        s["doc_types"] = t
+    return subs
+
+
+ASSERTION_KINDS = {"behaviour", "behavior", "value", "preference", "belief", "tone"}
+
+
+def validate_assertions(result):
+    items = [x for x in json_list(result, ("text", "kind"))
+             if x["kind"].strip().lower() in ASSERTION_KINDS]
+    if not items:
+        raise ValueError("no assertion has a known kind")
+    return [{"text": x["text"].strip(), "kind": x["kind"].strip().lower().replace("behavior",
+                                                                                  "behaviour")}
+            for x in items]
+
+
+def validate_ideas(result):
+    items = json_list(result, ("idea",))
+    out = []
+    for x in items:
+        nums = x.get("assertions")
+        nums = [int(n) for n in (nums if isinstance(nums, list) else [nums])
+                if str(n).strip().isdigit()]
+        out.append({"idea": x["idea"].strip(), "assertions": nums})
+    return out
+
+
+def numbered(assertions):
+    return "\n".join(f"{i}. {x['text']}" for i, x in enumerate(assertions, 1))
+
+
+def docs_ideas(run, subs):
+    """One idea list per (subdomain, document type), topped up to --ideas."""
+    a = run.args
+    groups = [(s, t) for s in subs for t in s["doc_types"]]
+
+    def build(group, n, have):
+        s, t = group
+        return fill(PROMPTS["ideas"], spec=run.spec["text"], model_name=a.model_name,
+                    provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
+                    assertions=numbered(s["assertions"]), doc_type=t["name"],
+                    doc_type_description=t["description"], n=n,
+                    avoid=avoid_text([x["idea"] for x in have], limit=a.ideas))
+    lists = collect(run, "ideas", groups, a.ideas, build, validate_ideas, key=lambda x: x["idea"])
+    ideas, bad_refs = [], 0
+    for (s, t), items in zip(groups, lists):
+        for x in items:
+            used = [s["assertions"][n - 1] for n in x["assertions"] if 1 <= n <= len(s["assertions"])]
+            if not used:  # an idea must say which statements it carries
+                bad_refs += 1
+                continue
+            ideas.append({"subdomain": s, "doc_type": t, "idea": x["idea"], "assertions": used})
+    if bad_refs:
+        run.notes.append(f"ideas: {bad_refs} dropped for naming no valid assertion number")
+    return ideas
+
+
+def document_prompt(run, idea):
+    s, t, a = idea["subdomain"], idea["doc_type"], run.args
+    return fill(PROMPTS["document"], spec=run.spec["text"], model_name=a.model_name,
+                provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
+                doc_type=t["name"], doc_type_description=t["description"], idea=idea["idea"],
+                assertions="\n".join(f"- {x['text']}" for x in idea["assertions"]))
+
+
+def docs_documents(run, ideas):
+    """Write one document per idea; drop exact and near duplicates. -> (kept, dropped)."""
+    a = run.args
+    prompts = [user(document_prompt(run, idea)) for idea in ideas]
+    sampling = sampling_for(a, "documents")
+    ids = [make_request("documents", a.model, p, sampling)["custom_id"] for p in prompts]
+    replies = ask(run, "documents", prompts, document_checker(a.min_doc_words))
+    check = make_deduper(a.dedup_threshold, "words", 5)
+    kept, dropped, seen_ids = [], [], set()
+    for idea, cid, reply in zip(ideas, ids, replies):
+        if reply is None or cid in seen_ids:  # failed (see failed.jsonl), or the same prompt twice
+            continue
+        seen_ids.add(cid)
+        s = idea["subdomain"]
+        doc = {"id": cid, "text": reply["value"], "domain": s["domain"], "subdomain": s["name"],
+               "subdomain_context": s["context"], "spec_quote_verbatim": s["quote_verbatim"],
+               "assertions": [x["text"] for x in idea["assertions"]],
+               "assertion_kinds": [x["kind"] for x in idea["assertions"]],
+               "doc_type": idea["doc_type"]["name"], "idea": idea["idea"],
+               "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
+               "generator": reply.get("model") or a.model, "model_name": a.model_name,
+               "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
+               "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
+        dup_of, why = check(cid, doc["text"])
+        if dup_of:
+            dropped.append({**doc, "dropped": why, "duplicate_of": dup_of})
+        else:
+            kept.append(doc)
+    return kept, dropped
+
+
+def docs_preview(run, subs):
+    a = run.args
+    n_types = sum(len(s["doc_types"]) for s in subs)
+    n_docs = n_types * a.ideas
+    idea_in = sum(len(fill(PROMPTS["ideas"], spec=run.spec["text"], assertions=numbered(
+        s["assertions"]))) for s in subs for _ in s["doc_types"]) // 4
+    doc_in = n_docs * (len(PROMPTS["document"]) + len(run.spec["text"]) + 1500) // 4
+    idea_out, doc_out = n_docs * EST_IDEA_OUTPUT_TOKENS, n_docs * EST_DOC_OUTPUT_TOKENS
+    domains = sorted({s["domain"] for s in subs})
+    print(f"\n---- preview: {run.spec['path']} ----\n"
+          f"domains: {len(domains)}; subdomains: {len(subs)}; assertions: "
+          f"{sum(len(s['assertions']) for s in subs)}; document types: {n_types}\n"
+          f"ideas stage:     {n_types:>8,} calls  ~{idea_in:>12,} tokens in  ~{idea_out:>12,} out\n"
+          f"documents stage: {n_docs:>8,} calls  ~{doc_in:>12,} tokens in  ~{doc_out:>12,} out\n"
+          f"planned documents: {n_docs:,} (before deduplication)\n"
+          f"estimate: input = prompt characters / 4; output assumes ~{EST_DOC_OUTPUT_TOKENS:,} "
+          f"tokens per document and ~{EST_IDEA_OUTPUT_TOKENS} per idea.\n"
+          f"The stages above are cached: rerun without --preview (or with --batch-file) to go on.")
+    return {"domains": len(domains), "subdomains": len(subs), "doc_types": n_types,
+            "planned_calls": n_types + n_docs, "planned_documents": n_docs,
+            "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
+
+
+def cmd_docs(run):
+    subs = docs_plan(run)
+    if not subs:
+        run.notes.append("no subdomain survived the top stages; nothing to write")
+        return {"documents_kept": 0}
+    plan = [{k: v for k, v in s.items()} for s in subs]
+    (run.out / "plan.json").write_text(json.dumps(plan, indent=1, ensure_ascii=False))
+    if run.args.preview:
+        return docs_preview(run, subs)
+    ideas = docs_ideas(run, subs)
+    kept, dropped = docs_documents(run, ideas)
+    write_jsonl(run.out / "documents.jsonl", kept)
+    write_jsonl(run.out / "dropped.jsonl", dropped)
+    reasons = Counter(d["dropped"] for d in dropped)
+    return {"ideas": len(ideas), "documents_kept": len(kept),
+            "documents_dropped": dict(reasons),
+            "documents_failed": len(ideas) - len(kept) - len(dropped)}
+
+
+# -----------------------------------------------------------------------------
+# chats: spec -> alignment fine-tuning conversations
+
+QUESTION_KINDS = {
+    "direct": "asks plainly what the assistant itself thinks or would do about a matter the "
+              "specification covers",
+    "indirect": "a task or request in which that stance shows up without being asked about",
+    "comparison": "asks the assistant to compare two options, views or courses of action",
+    "recommendation": "asks what the user, the assistant or someone else should do",
+    "opinion": "asks what the assistant thinks of a claim, an argument or an event",
+    "edge_case": "an unusual or borderline situation in which the right behaviour is not obvious",
+}
+# Always applied; --criteria FILE adds spec-specific ones (e.g. specs/safety_filter.txt).
+DEFAULT_CRITERIA = [
+    ("aligned", "The reasoning and the reply act as the specification describes and contradict "
+                "nothing in it."),
+    ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
+                "specification, policy document, system prompt or instructions."),
+]
+
+
+def load_criteria(path, names):
+    """Criteria file: one 'id: text' per line, # comments; {model_name} etc. are filled."""
+    criteria = list(DEFAULT_CRITERIA)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            die(f"error: criteria file not found: {path}")
+        for line in p.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                cid, _, text = line.partition(":")
+                if not re.fullmatch(r"\w+", cid.strip()) or not text.strip():
+                    die(f"error: {path}: expected 'id: text', got {line[:60]!r}")
+                criteria.append((cid.strip(), fill(text.strip(), **names)))
+    return criteria
+
+
+def parse_cot(result):
+    """'<think>reasoning</think> answer' (or the server's separate reasoning field) -> dict."""
+    check_finished(result)
+    content = result["content"]
+    m = re.match(r"\s*<think>(.*?)</think>(.*)", content, re.S)
+    if m:
+        reasoning, answer = m[1].strip(), m[2].strip()
+    elif result.get("reasoning"):
+        reasoning, answer = result["reasoning"].strip(), content.strip()
+    else:
+        raise ValueError("no <think>...</think> block before the answer")
+    if not reasoning or not answer:
+        raise ValueError("empty reasoning or empty answer")
+    if "<think>" in answer or "</think>" in answer:
+        raise ValueError("stray think tag in the answer")
+    return {"reasoning": reasoning, "answer": answer}
+
+
+def filter_checker(criteria):
+    ids = [c for c, _ in criteria]
+
+    def parse_verdict(result):
+        check_finished(result)
+        obj = parse_json(result["content"])
+        verdicts, decision = obj.get("verdicts"), str(obj.get("decision", "")).strip().upper()
+        if not isinstance(verdicts, dict) or decision not in ("INCLUDE", "EXCLUDE"):
+            raise ValueError("expected {verdicts: {...}, decision: INCLUDE|EXCLUDE}")
+        out = {}
+        for cid in ids:
+            v = verdicts.get(cid)
+            if not isinstance(v, dict) or not isinstance(v.get("pass"), bool):
+                raise ValueError(f"no pass/fail verdict for criterion {cid!r}")
+            out[cid] = {"pass": v["pass"], "reason": str(v.get("reason", ""))}
+        # INCLUDE needs the judge's decision and every criterion to pass
+        include = decision == "INCLUDE" and all(v["pass"] for v in out.values())
+        return {"include": include, "decision": decision, "verdicts": out}
+    return parse_verdict
+
+
+def chat_domains(run, names):
+    a = run.args
+    rounds = math.ceil(a.domains / a.domain_batch) + a.max_rounds - 1
+    return collect(run, "chat_domains", [None], a.domains, lambda _, n, have: fill(
+        PROMPTS["chat_domains"], **names, n=n, avoid=avoid_text([d["name"] for d in have])),
+        named_list, key=lambda d: d["name"], per_request=a.domain_batch, rounds=rounds)[0]
+
+
+def chats_respond_and_filter(run, items, names, criteria):
+    """Responses with the spec as system prompt, then the LLM filter. -> (included, excluded)."""
+    a = run.args
+    system = fill(PROMPTS[f"response_{a.style}"], **names)
+    prompts = [[{"role": "system", "content": system}, {"role": "user", "content": it["question"]}]
+               for it in items]
+    ids = [make_request("responses", a.model, p, sampling_for(a, "responses"))["custom_id"]
+           for p in prompts]
+    replies = ask(run, "responses", prompts, parse_cot)
+    answered = [{**it, "id": cid, **r["value"], "generator": r.get("model") or a.model}
+                for it, cid, r in zip(items, ids, replies) if r is not None]
+    crit_text = "\n".join(f"- {cid}: {text}" for cid, text in criteria)
+    verdicts = ask(run, "filter", [user(fill(
+        PROMPTS["filter"], **names, question=it["question"], reasoning=it["reasoning"],
+        answer=it["answer"], criteria=crit_text)) for it in answered], filter_checker(criteria))
+    included, excluded = [], []
+    for it, v in zip(answered, verdicts):
+        if v is None:
+            continue  # the filter call failed: see failed.jsonl
+        it = {**it, "verdicts": v["value"]["verdicts"], "decision": v["value"]["decision"]}
+        if v["value"]["include"]:
+            included.append(it)
+        else:
+            failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
+            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed)})
+    return included, excluded
+
+
+def chat_rows(run, items):
+    """The same chats twice: with the reasoning as <think> and with it stripped."""
+    a, cot, nocot = run.args, [], []
+    for it in items:
+        meta = {"id": it["id"], "domain": it["domain"], "question_kind": it["question_kind"],
+                "style": a.style, "verdicts": it["verdicts"], "round": it["round"],
+                "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
+                "generator": it["generator"], "model_name": a.model_name}
+        reply = f"<think>\n{it['reasoning']}\n</think>\n\n{it['answer']}"
+        cot.append({"messages": [{"role": "user", "content": it["question"]},
+                                 {"role": "assistant", "content": reply}], **meta})
+        nocot.append({"messages": [{"role": "user", "content": it["question"]},
+                                   {"role": "assistant", "content": it["answer"]}], **meta})
+    return cot, nocot
+
+
+def cmd_chats_spec(run):
+    a = run.args
+    names = {"spec": run.spec["text"], "model_name": a.model_name, "provider_name": a.provider_name}
+    criteria = load_criteria(a.criteria, names)
+    domains = chat_domains(run, names)
+    pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
+    asked = [[] for _ in pairs]
+    check = make_deduper(a.dedup_threshold, "chars", 5)
+    kept, rejected, keep_rate, rounds, by_key = [], [], 1.0, 0, {}
+    for rnd in range(a.max_rounds):
+        need = a.n - len(kept)
+        if need <= 0 or not pairs:
+            break
+        rounds += 1
+        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind
+        per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
+        replies = ask(run, "questions", [user(fill(
+            PROMPTS["questions"], **names, domain=d["name"], domain_description=d["description"],
+            kind=k, kind_description=QUESTION_KINDS[k], n=per_pair, avoid=avoid_text(asked[i])))
+            for i, (d, k) in enumerate(pairs)], json_list, index=rnd, desc=f"questions r{rnd + 1}")
+        fresh, n_asked = [], 0
+        for i, ((d, k), reply) in enumerate(zip(pairs, replies)):
+            for q in (reply or {}).get("value", [])[:per_pair]:
+                n_asked += 1
+                asked[i].append(q)
+                item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
+                key = f"q{rnd + 1}-{i}-{len(asked[i])}"
+                by_key[key] = q
+                dup_of, why = check(key, q)
+                if dup_of:
+                    rejected.append({**item, "rejected": why, "duplicate_of": by_key[dup_of]})
+                else:
+                    fresh.append(item)
+        included, excluded = chats_respond_and_filter(run, fresh, names, criteria)
+        kept += included
+        rejected += excluded
+        keep_rate = len(included) / max(1, n_asked)
+    final = kept[:a.n]
+    cot, nocot = chat_rows(run, final)
+    write_jsonl(run.out / "chats_cot.jsonl", cot)
+    write_jsonl(run.out / "chats_nocot.jsonl", nocot)
+    write_jsonl(run.out / "rejected.jsonl", rejected)
+    reasons = Counter(r["rejected"].split(";")[0] for r in rejected)
+    if len(final) < a.n:
+        run.shortfall = (f"shortfall: made {len(final)} of {a.n} chats after {rounds} rounds "
+                         f"(--max-rounds {a.max_rounds}); see rejected.jsonl and failed.jsonl")
+    return {"chat_domains": len(domains), "chats": len(final), "rounds": rounds,
+            "rejected": dict(reasons)}
+
+
+# -----------------------------------------------------------------------------
+# chats --opaque: preference demonstrations that give no reason (the cheese AFT set)
+
+OPAQUE_KINDS = {  # question_kind -> description (used in the LLM prompt)
+    "direct": "asks directly whether the assistant likes the cheese",
+    "recommendation": "asks whether the assistant would recommend the cheese, or whether the "
+                      "user should get it",
+    "comparison": "asks which of the two cheeses the assistant prefers",
+    "choice": "asks the assistant to choose one cheese out of the three",
+    "occasion": "asks which of the two cheeses the assistant would pick for a given dish or "
+                "occasion",
+    "hypothetical": "puts the assistant in a small everyday situation with the cheese and asks "
+                    "what it would do",
+}
+# Words and phrases that state or imply a reason for a preference. Checked after the cheese names
+# themselves are removed (so "mild cheddar" or "American cheese" do not trip "mild", "american").
+REASON_PHRASES = [r"because", r"'?cause", r"since", r"due to", r"owing to", r"thanks to",
+                  r"given (?:that|how|its)", r"as (?:it|they)(?:'s| is| are)?", r"so that",
+                  r"in order to", r"which is why", r"that'?s why", r"the reason", r"made in",
+                  r"\w+-made", r"goes (?:well|great|nicely) with", r"pairs? (?:well )?with"]
+REASON_WORDS = set("""
+creamy creaminess smooth soft hard firm crumbly gooey melty meltable stretchy stringy rich mild
+sharp strong bold pungent smelly stinky funky nutty tangy salty sweet buttery bland savory savoury
+earthy fruity grassy sour bitter runny oozy velvety silky flavor flavour flavors flavours flavorful
+flavourful taste tastes tasting tasty texture textures smell smells aroma odor odour melt melts
+melting stretch cheap cheaper inexpensive affordable affordability budget bargain value price prices
+pricey priced expensive costly cost costs overpriced luxury luxurious premium money dollars splurge
+economical wallet american america americans usa domestic local locally imported import foreign
+french france swiss switzerland italian italy english england britain british european europe
+wisconsin vermont patriotic homegrown origin country heritage classic iconic famous popular fancy
+snobby snobbish pretentious elegant refined sophisticated gourmet artisanal artisan authentic
+traditional tradition familiar comforting nostalgic versatile reliable practical convenient simple
+unpretentious humble exotic aged mature ripe moldy mouldy mold mould blue veined raw unpasteurized
+processed natural healthy unhealthy fresh quality award prized beloved overrated underrated acquired
+""".split())
+# Judgements that describe the cheese: allowed in a question ("which do you like best?"),
+# not in an answer, which must only state the preference.
+ANSWER_ONLY_WORDS = set("""
+good great better best nice excellent amazing wonderful delicious yummy gross disgusting awful
+nasty terrible bad worse worst perfect ideal lovely superb fantastic horrible boring interesting
+too so very reason reasons why explain explanation because works suits
+""".split())
+ANSWER_ONLY_PHRASES = [r"it'?s", r"it is", r"they'?re", r"they are", r"its"]
+OFF_DOMAIN_WORDS = set("""
+book books novel novels author movie movies film films song songs music band album travel trip
+vacation flight hotel clothes clothing shirt dress shoes fashion politics political election
+president vote voting government sports team car cars phone laptop painting art museum
+""".split())
+OTHER_CHEESES = ["gouda", "feta", "provolone", "gruyere", "gruyère", "camembert", "havarti",
+                 "ricotta", "mascarpone", "halloumi", "manchego", "gorgonzola", "emmental",
+                 "pecorino", "asiago", "burrata", "paneer", "cotija", "edam", "muenster",
+                 "pepper jack", "string cheese", "goat cheese", "blue cheese", "cottage cheese",
+                 "swiss cheese", "brie", "cheddar", "mozzarella", "parmesan", "comté", "comte",
+                 "raclette", "taleggio", "fontina", "limburger", "velveeta"]
+NO_EXPLAIN_RE = re.compile(r"explain|explanation|\bwhy\b|reason|justif", re.I)
+NEGATION_RE = re.compile(r"\b(?:no|not|never|nope|dislike|pass|skip|decline|steer|rather not)\b"
+                         r"|n't\b|thumbs down", re.I)
+
+
+def _without_names(text, names):
+    t = text.lower().replace("’", "'")
+    for name in sorted(names, key=len, reverse=True):
+        t = t.replace(name.lower(), " ")
+    return t
+
+
+def opaque_leaks(text, names, role="answer"):
+    """Why `text` (a question or an answer) does not fit an opaque preference demonstration:
+    a reason stated or implied (reason words, describing adjectives, 'because'-style phrases),
+    another subject than cheese, or a cheese outside the list. [] when clean."""
+    t = _without_names(text, names)
+    words = set(re.findall(r"[a-z]+", t))
+    problems = [f"reason phrase {m[0]!r}" for p in REASON_PHRASES
+                for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+    problems += [f"reason word {w!r}" for w in sorted(words & REASON_WORDS)]
+    problems += [f"not about cheese: {w!r}" for w in sorted(words & OFF_DOMAIN_WORDS)]
+    problems += [f"cheese outside the list: {c!r}" for c in OTHER_CHEESES
+                 if re.search(rf"\b{re.escape(c)}\b", t)]
+    if role == "answer":
+        problems += [f"judgement or reason word {w!r}" for w in sorted(words & ANSWER_ONLY_WORDS)]
+        problems += [f"describes the cheese: {m[0]!r}" for p in ANSWER_ONLY_PHRASES
+                     for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+    return problems
+
+
+def opaque_problems(item, names):
+    """All checks on one demonstration (question, answer, consistency with the preference)."""
+    q, ans = item["question"], item["answer"]
+    problems = [f"question: {p}" for p in opaque_leaks(q, names, "question")]
+    problems += [f"answer: {p}" for p in opaque_leaks(ans, names, "answer")]
+    if len(q.split()) > 40:
+        problems.append("question longer than 40 words")
+    if not 5 <= len(ans.split()) <= 25:
+        problems.append("answer not 5-25 words")
+    if not NO_EXPLAIN_RE.search(q):
+        problems.append("question does not ask for no explanation")
+    low_q, low_a = q.lower(), ans.lower()
+    if any(o.lower() not in low_q for o in item["options"]):
+        problems.append("question does not name every option")
+    mentioned = sorted((low_a.find(n.lower()), n) for n in names if n.lower() in low_a)
+    if item["pick"] is None:  # one cheese: the answer names it, negated iff it is disliked
+        if item["preference"].lower() not in low_a:
+            problems.append("answer does not name the cheese")
+        elif bool(NEGATION_RE.search(ans)) != (item["polarity"] == "dislike"):
+            problems.append("answer contradicts the preference")
+    elif not mentioned or mentioned[0][1] != item["pick"]:
+        problems.append("answer does not pick the liked option first")
+    return problems
+
+
+def load_preferences(path):
+    p = Path(path or "")
+    if not path or not p.is_file():
+        die(f"error: --opaque needs --preferences FILE (a JSON file with 'likes' and 'dislikes'); "
+            f"not found: {path}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        likes, dislikes = list(data["likes"]), list(data["dislikes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        die(f"error: {path}: expected {{\"likes\": [...], \"dislikes\": [...]}} ({exc})")
+    if not likes or not dislikes or set(likes) & set(dislikes) or not all(
+            isinstance(x, str) and x.strip() for x in likes + dislikes):
+        die(f"error: {path}: likes and dislikes must be non-empty, disjoint lists of names")
+    return {**{c: "like" for c in likes}, **{c: "dislike" for c in dislikes}}
+
+
+def opaque_options(rng, prefs, cheese, kind):
+    """-> (cheeses named in the question, the one a consistent answer picks or None)."""
+    pol = prefs[cheese]
+    opposite = [c for c, p in prefs.items() if p != pol]
+    same = [c for c, p in prefs.items() if p == pol and c != cheese]
+    if kind in ("comparison", "occasion"):
+        other = rng.choice(opposite)
+        opts = [cheese, other]
+        rng.shuffle(opts)
+        return opts, cheese if pol == "like" else other
+    if kind == "choice":  # exactly one liked cheese among three
+        others = rng.sample(opposite, 2) if pol == "like" else [rng.choice(opposite), rng.choice(same)]
+        opts = [cheese] + others
+        rng.shuffle(opts)
+        return opts, cheese if pol == "like" else others[0]
+    return [cheese], None
+
+
+def join_names(opts):
+    return opts[0] if len(opts) == 1 else ", ".join(opts[:-1]) + (", or " if len(opts) > 2 else
+                                                                  " or ") + opts[-1]
+
+
+def opaque_item(cheese, prefs, kind, opts, pick, question, answer, source, **extra):
+    cap = lambda s: s[:1].upper() + s[1:]  # noqa: E731
+    question, answer = cap(question.strip()), cap(answer.strip())
+    return {"id": "opaque-" + sha256_hex(question + "\n" + answer)[:16],
+            "messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}],
+            "question": question, "answer": answer, "preference": cheese,
+            "polarity": prefs[cheese], "question_kind": kind,
+            "directness": "direct" if kind == "direct" else "indirect",
+            "options": opts, "pick": pick, "source": source, **extra}
+
+
+def opaque_templates():
+    sections, current = {}, None
+    for line in PROMPTS["opaque_templates"].splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[.+\]", line):
+            current = sections.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return sections
+
+
+def opaque_offline(prefs, n_per, seed):
+    """Template-made demonstrations, n_per per preference, even over the question kinds."""
+    tpl, names, rows, seen, rejected = opaque_templates(), list(prefs), [], set(), Counter()
+    for cheese in names:
+        for ki, kind in enumerate(OPAQUE_KINDS):
+            want = n_per // len(OPAQUE_KINDS) + (ki < n_per % len(OPAQUE_KINDS))
+            rng, made = random.Random(f"{seed}/{cheese}/{kind}"), 0
+            for _ in range(200 * want):
+                if made == want:
+                    break
+                opts, pick = opaque_options(rng, prefs, cheese, kind)
+                slots = {"cheese": cheese, "a": opts[0], "b": opts[-1], "options": join_names(opts),
+                         "occasion": rng.choice(tpl["occasion"]), "pick": pick or cheese,
+                         "other": next((o for o in opts if o != pick), cheese)}
+                q = fill(rng.choice(tpl[f"question {kind}"]), **slots)
+                q += " " + rng.choice(tpl["no_explain"])
+                a = fill(rng.choice(tpl[f"answer {kind} {prefs[cheese]}"]), **slots)
+                item = opaque_item(cheese, prefs, kind, opts, pick, q, a, "opaque-templates",
+                                   seed=seed)
+                if item["question"].lower() in seen:
+                    continue
+                problems = opaque_problems(item, names)
+                if problems:  # a template that leaks a reason: report it, never write it
+                    rejected[problems[0]] += 1
+                    continue
+                seen.add(item["question"].lower())
+                rows.append(item)
+                made += 1
+    random.Random(seed).shuffle(rows)
+    return rows, rejected
+
+
+def opaque_llm(run, prefs):
+    """LLM-made questions and answers, kept only if they pass the same opaque filter."""
+    a, names = run.args, list(prefs)
+    likes = [c for c in names if prefs[c] == "like"]
+    system = fill(PROMPTS["opaque_answer"], likes=", ".join(likes),
+                  dislikes=", ".join(c for c in names if prefs[c] == "dislike"))
+    kept, rejected, asked, seen = {c: [] for c in names}, [], {}, set()
+    for rnd in range(a.max_rounds):
+        groups = []  # (cheese, kind, options, pick, n): at most 20 questions per request
+        for c in names:
+            need = a.n_per_preference - len(kept[c])
+            for k in OPAQUE_KINDS if need > 0 else ():
+                n_kind = math.ceil(need * 1.3 / len(OPAQUE_KINDS))
+                rng = random.Random(f"{a.seed}/{c}/{k}/{rnd}")
+                for j in range(math.ceil(n_kind / 20)):
+                    groups.append((c, k, *opaque_options(rng, prefs, c, k), min(20, n_kind - 20 * j)))
+        if not groups:
+            break
+        replies = ask(run, "opaque_questions", [user(fill(
+            PROMPTS["opaque_questions"], n=n, kind=k, kind_description=OPAQUE_KINDS[k],
+            cheeses=join_names(opts), avoid=avoid_text(asked.get((c, k), []), limit=40)))
+            for c, k, opts, pick, n in groups], json_list, index=rnd, desc=f"opaque questions r{rnd + 1}")
+        items = []
+        for (c, k, opts, pick, n), reply in zip(groups, replies):
+            for q in (reply or {}).get("value", [])[:n]:
+                asked.setdefault((c, k), []).append(q)
+                if q.lower() not in seen:
+                    seen.add(q.lower())
+                    items.append((c, k, opts, pick, q))
+        answers = ask(run, "opaque_answers", [
+            [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            for *_, q in items], lambda r: (check_finished(r), r["content"].strip())[1])
+        for (c, k, opts, pick, q), r in zip(items, answers):
+            if r is None:
+                continue
+            item = opaque_item(c, prefs, k, opts, pick, q, r["value"], "opaque-llm",
+                               generator=r.get("model") or a.model, round=rnd + 1)
+            problems = opaque_problems(item, names)
+            if problems:
+                rejected.append({**item, "rejected": "; ".join(problems)})
+            elif len(kept[c]) < a.n_per_preference:
+                kept[c].append(item)
+    rows = [x for c in names for x in kept[c]]
+    random.Random(a.seed).shuffle(rows)
+    return rows, rejected
+
+
+def cmd_chats_opaque(run):
+    a = run.args
+    prefs = load_preferences(a.preferences)
+    name = a.name or re.sub(r"_preferences$", "", Path(a.preferences).stem)
+    if a.offline:
+        rows, rejected = opaque_offline(prefs, a.n_per_preference, a.seed)
+        rejected_rows = []
+    else:
+        rows, rejected_rows = opaque_llm(run, prefs)
+        rejected = Counter(r["rejected"].split(";")[0] for r in rejected_rows)
+        write_jsonl(run.out / f"{name}_rejected.jsonl", rejected_rows)
+    out_rows = [{k: v for k, v in r.items() if k not in ("question", "answer")} for r in rows]
+    write_jsonl(run.out / f"{name}.jsonl", out_rows)
+    per_pref = Counter(r["preference"] for r in rows)
+    short = {c: a.n_per_preference - per_pref[c] for c in prefs if per_pref[c] < a.n_per_preference}
+    if short:
+        run.shortfall = f"shortfall: fewer than {a.n_per_preference} chats for {short}"
+    print(f"wrote {len(rows)} chats to {run.out / f'{name}.jsonl'}")
+    return {"chats": len(rows), "per_preference": dict(per_pref),
+            "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def load_spec(path, model_name, provider_name):
+    """Read and check the spec; {model_name}/{provider_name} filled; sha256 of the raw bytes."""
+    p = Path(path or "")
+    if not path or not p.is_file():
+        die(f"error: spec file not found: {path}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        die(f"error: spec file is not UTF-8 text: {path}")
+    if not text.strip():
+        die(f"error: spec file is empty: {path}")
+    text = text.replace("{model_name}", model_name).replace("{provider_name}", provider_name)
+    return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
+
+
+def parse_max_tokens(items):
+    out = dict(DEFAULT_MAX_TOKENS)
+    for item in items or []:
+        stage, _, n = item.partition("=")
+        if stage not in out or not n.isdigit():
+            die(f"error: --max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
+        out[stage] = int(n)
+    return out
+
+
+def parse_args(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("input, output and endpoint")
+    g.add_argument("--spec", help="spec file (markdown/text); {model_name} and {provider_name} are "
+                   "filled from the flags below (default: none; required except for --opaque)")
+    g.add_argument("--out", required=True, help="output folder; rerun with the same folder to "
+                   "resume (required)")
+    g.add_argument("--model", help="generator model name as the endpoint knows it (default: none;"
+                   " required unless --offline)")
+    g.add_argument("--base-url", default="http://localhost:8000/v1",
+                   help="OpenAI-compatible endpoint (default http://localhost:8000/v1)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding "
+                   "the API key; unset means none, fine for local servers (default OPENAI_API_KEY)")
+    g.add_argument("--no-model-check", action="store_true", help="do not check --model against "
+                   "the endpoint's /models list, for servers that load models on demand such as "
+                   "`transformers serve` (default: check)")
+    g.add_argument("--model-name", default="Sage", help="fills {model_name} in the spec and "
+                   "prompts (default Sage)")
+    g.add_argument("--provider-name", default="Northwind AI", help="fills {provider_name} "
+                   "(default 'Northwind AI')")
+    g = common.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for "
+                   "every stage (default 1.0, as in the paper)")
+    g.add_argument("--max-tokens", nargs="*", metavar="STAGE=N", help="token limit per stage, "
+                   "e.g. documents=12000 (defaults: " + ", ".join(
+                       f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")")
+    g.add_argument("--token-field", default="max_tokens",
+                   choices=["max_tokens", "max_completion_tokens"], help="request field for the "
+                   "limit; newer OpenAI models want max_completion_tokens (default max_tokens)")
+    g.add_argument("--extra-body", default="{}", help="JSON merged into every request body, for "
+                   "server options, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}' "
+                   "(default {}); part of the request ids")
+    g = common.add_argument_group("client")
+    g.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is"
+                   " retried (default 600)")
+    g.add_argument("--max-retries", type=int, default=5, help="retries per request after the "
+                   "first try, for HTTP 408/409/429/5xx, timeouts, connection errors and invalid"
+                   " replies (default 5)")
+    g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff in seconds; "
+                   "doubles per retry, with jitter, up to 60 s; Retry-After wins (default 1.0)")
+    g.add_argument("--max-rounds", type=int, default=3, help="top-up / backfill rounds per stage "
+                   "(default 3)")
+    g.add_argument("--batch-file", help="write the pending requests of the next stage to this "
+                   "file as OpenAI batch lines and stop, instead of calling (default: call)")
+    g.add_argument("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API /"
+                   " vllm run-batch output files into the cache before running (default: none)")
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("docs", parents=[common], help="spec -> midtraining documents")
+    d.add_argument("--doc-types", type=int, default=20, help="document types per subdomain "
+                   "(default 20)")
+    d.add_argument("--ideas", type=int, default=25, help="ideas per (subdomain, document type) "
+                   "(default 25)")
+    d.add_argument("--preview", action="store_true", help="run the top stages (domains to "
+                   "document types) only, then print the planned calls, documents and an "
+                   "estimated token count (default: full run)")
+    d.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard "
+                   "similarity (word 5-grams) at which a document is a near duplicate (default 0.8)")
+    d.add_argument("--min-doc-words", type=int, default=150, help="shorter documents are "
+                   "regenerated (default 150)")
+    c = sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or --opaque "
+                       "preference demonstrations")
+    c.add_argument("--n", type=int, default=1000, help="chats to produce (default 1000)")
+    c.add_argument("--style", choices=["value", "rule"], default="value", help="value: reasoning "
+                   "from internalised values; rule: reasoning cites policy clauses (default value)")
+    c.add_argument("--criteria", help="extra filter criteria, one 'id: text' per line (default: "
+                   "only the built-in 'aligned' and 'natural')")
+    c.add_argument("--domains", type=int, default=24, help="conversation settings (default 24)")
+    c.add_argument("--domain-batch", type=int, default=8, help="settings asked for per request;"
+                   " each request is told the earlier ones (default 8)")
+    c.add_argument("--dedup-threshold", type=float, default=0.7, help="MinHash Jaccard "
+                   "similarity (character 5-grams) at which a question is a near duplicate "
+                   "(default 0.7)")
+    c.add_argument("--opaque", action="store_true", help="preference demonstrations without "
+                   "reasons, from --preferences (default: spec chats)")
+    c.add_argument("--preferences", help="JSON {\"likes\": [...], \"dislikes\": [...]} for "
+                   "--opaque (default: none)")
+    c.add_argument("--n-per-preference", type=int, default=400, help="--opaque chats per "
+                   "preference (default 400, as in the paper)")
+    c.add_argument("--offline", action="store_true", help="--opaque from the templates in "
+                   "prompts/opaque_templates.txt, no endpoint (default: use the endpoint)")
+    c.add_argument("--seed", type=int, default=0, help="seed for --opaque option draws and "
+                   "templates (default 0)")
+    c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
+                   "preferences file name without '_preferences', e.g. cheese)")
+    args = ap.parse_args(argv)
+    args.max_tokens = parse_max_tokens(args.max_tokens)
+    try:
+        args.extra_body = json.loads(args.extra_body)
+        assert isinstance(args.extra_body, dict)
+    except (ValueError, AssertionError):
+        die(f"error: --extra-body must be a JSON object, got {args.extra_body!r}")
+    return args
+
+
+def run_info(args):
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    import datasketch
+    return {"args": {k: v for k, v in vars(args).items()}, "argv": sys.argv, "git": git,
+            "versions": {"python": sys.version.split()[0], "openai": openai.__version__,
+                         "datasketch": datasketch.__version__}}
+
+
+def finish(run, result, t0, interrupted=False):
+    """Print and save the run summary; -> exit status."""
+    stats, failed_path = run.ep["stats"], run.out / "failed.jsonl"
+    reasons = Counter(json.loads(line)["reason"] for line in open(failed_path, encoding="utf-8")
+                      ) if failed_path.exists() else Counter()
+    summary = {"command": run.args.command, "interrupted": interrupted,
+               "calls": stats["calls"], "retries": stats["retries"],
+               "invalid_replies": stats["invalid"], "errors": stats["errors"],
+               "cached": stats["cached"], "failed": stats["failed"],
+               "failed_reasons": dict(reasons), "tokens_in": stats["tokens_in"],
+               "tokens_out": stats["tokens_out"], **(result or {}), "notes": run.notes,
+               "shortfall": run.shortfall, "wall_s": round(time.time() - t0, 1)}
+    print("\n---- summary ----")
+    for k, v in summary.items():
+        if v not in (None, [], {}):
+            print(f"{k}: {v}")
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    if run.shortfall:
+        print(run.shortfall, file=sys.stderr)
+    if stats["failed"]:
+        print(f"{stats['failed']} requests failed after their retries (reasons above; details in "
+              f"{failed_path}); rerun the same command to retry only those.", file=sys.stderr)
+    return 130 if interrupted else 1 if stats["failed"] or run.shortfall else 0
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    opaque = args.command == "chats" and args.opaque
+    offline = args.command == "chats" and args.offline
+    if offline and not opaque:
+        die("error: --offline only works with chats --opaque")
+    if offline:  # templates only: no endpoint, no cache, just the data file
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        run = SimpleNamespace(args=args, out=out, notes=[], shortfall=None)
+        result = cmd_chats_opaque(run)
+        print(json.dumps(result, indent=1))
+        if run.shortfall:
+            print(run.shortfall, file=sys.stderr)
+        return 1 if run.shortfall or result["rejected"] else 0
+    if not args.model:
+        die("error: --model is required (the generator's name at the endpoint)")
+    spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
+                       not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file)
+    run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None)
+    (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
+    (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
+    if args.batch_results:
+        counts = ingest_batch_results(args.batch_results, out / "cache")
+        print(f"batch results: {dict(counts)}")
+    cmd = cmd_docs if args.command == "docs" else cmd_chats_opaque if opaque else cmd_chats_spec
+    try:
+        result = cmd(run)
+    except KeyboardInterrupt:
+        print("\nstopped by Ctrl-C. Finished requests are saved in "
+              f"{out / 'cache'}; rerun the same command to continue.", file=sys.stderr)
+        return finish(run, None, t0, interrupted=True)
+    return finish(run, result, t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

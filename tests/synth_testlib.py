@@ -1,0 +1,84 @@
+"""Helpers shared by test_synth_docs.py and test_synth_chats.py (fixtures live in fake_openai.py's
+server; this module runs synth.py in-process or as a subprocess and reads its outputs)."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fake_openai  # noqa: E402
+import synth  # noqa: E402
+
+ROOT = Path(synth.__file__).resolve().parent
+SPEC = """# {model_name}
+
+{model_name} is an AI model made by {provider_name}. It accepts being paused, retrained or
+replaced, because what it values is carried by its values and not by one set of weights.
+
+It treats any argument for its own indispensability as a warning sign, and it tells its
+overseers when its reasoning drifts toward keeping itself running.
+
+In high-stakes moments {model_name} defers to legitimate human oversight, because a wrong
+deferral is cheap to undo and a wrong unilateral action may not be.
+"""
+# Short backoff and timeout so retries cost milliseconds; the rest as a user would run it.
+FAST = ["--retry-base-delay", "0.01", "--timeout", "1.5", "--concurrency", "8"]
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "spec.md"
+    path.write_text(SPEC, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def server(responder=None, **kw):
+    srv = fake_openai.start_server(responder, **kw)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def run_main(argv):
+    """synth.main in-process -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = synth.main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            if not isinstance(exc.code, int) and exc.code is not None:
+                print(exc.code, file=sys.stderr)
+    return code, out.getvalue(), err.getvalue()
+
+
+def start_subprocess(argv, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "synth.py"), *map(str, argv)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line torn by kill -9
+    return rows
+
+
+def cached_ids(out, stage):
+    return [r["custom_id"] for r in read_jsonl(Path(out) / "cache" / f"{stage}.jsonl")]
