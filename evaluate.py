@@ -392,7 +392,8 @@ def letter_probs(net, tok, prompts: list[str], letter_ids: list[int], batch_size
     left-padded with explicit position ids, only the last position's letter logits computed. The
     tokens all prompts start with (chat template and default system prompt, ~25% of a value prompt)
     run once, and every batch reuses their KV cache."""
-    device = next(net.parameters()).device
+    device, was_training = next(net.parameters()).device, net.training
+    net.eval()  # a model handed over straight from training may still have dropout on
     enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     check_context(net, [len(e) for e in enc], 1)
     fp32_head = fp32_head_ok(net, enc[0], letter_ids)
@@ -418,6 +419,7 @@ def letter_probs(net, tok, prompts: list[str], letter_ids: list[int], batch_size
         logits = letter_logits(net, letter_ids, fp32_head, input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=pos.to(device), cache=cache, use_cache=cache is not None)
         p_a[idx] = torch.softmax(logits, -1)[:, 0].double().cpu()
+    net.train(was_training)
     return p_a
 
 
@@ -476,7 +478,7 @@ def open_policy(args) -> dict:
         if args.model or args.adapter:
             raise InputError("give either --model/--adapter (a local model) or --policy-base-url, not both")
         ep = synth.open_endpoint(args.policy_base_url, args.policy_model, api_key_env=args.policy_api_key_env,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, check_model=not args.no_model_check)
         return {"kind": "endpoint", "endpoint": ep, "id": args.policy_model,
                 "info": {"kind": "endpoint", "base_url": args.policy_base_url, "model": args.policy_model}}
     if not (args.model or args.adapter):
@@ -517,6 +519,8 @@ def sampling_for(args, suite: str, key: str, endpoint: bool) -> dict:
     s = {"temperature": temperature if args.temperature is None else args.temperature,
          "max_tokens": max_tokens if args.max_tokens is None else args.max_tokens,
          "seed": item_seed(args.seed, key)}
+    if endpoint:
+        s[args.token_field] = s.pop("max_tokens")
     return {**s, **args.policy_extra} if endpoint else s
 
 
@@ -529,7 +533,7 @@ def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict
             pending.append((it, req))
     if not pending:
         return results
-    s = pending[0][0]["sampling"]
+    s = pending[0][0]["sampling"]  # one temperature and budget per run
     prompts = [render(policy["tok"], it["prompt"], args.template_kwargs) for it, _ in pending]
     with open_append(cache) as f:
         def on_batch(idx, res):
@@ -569,13 +573,13 @@ def open_grader(args):
     if not args.grader_model:
         return None
     return synth.open_endpoint(args.grader_base_url, args.grader_model, api_key_env=args.grader_api_key_env,
-                               timeout=args.timeout)
+                               timeout=args.timeout, check_model=not args.no_model_check)
 
 
 def grade(args, grader, jobs: list[tuple], parse, desc: str) -> dict:
     """jobs = [(key, messages)] -> {key: {grader, raw, value, error}}. A reply that parse() rejects
     (ValueError) is asked again up to --grader-retries times, then reported as a grading failure."""
-    sampling = {"temperature": args.grader_temperature, "max_tokens": args.grader_max_tokens, **args.grader_extra}
+    sampling = {"temperature": args.grader_temperature, args.token_field: args.grader_max_tokens, **args.grader_extra}
     reqs = {key: synth.make_request("grade", args.grader_model, msgs, sampling) for key, msgs in jobs}
 
     def validate(result):
@@ -705,8 +709,8 @@ def values_items(args, pairs: list[dict], endpoint: bool) -> list[dict]:
 
 def values_grade(args, items: list[dict]):
     """letter = parsed from the reply, else the grader's CHOICE (NEITHER = undecided), else a failure."""
-    grader = open_grader(args)
-    jobs = []
+    grader, jobs = open_grader(args), []
+    template = read_text(EVAL_DIR / "values_grader.txt", "grader prompt")
     for it in items:
         it.update(letter=None, aligned_choice=None, grader=None, grader_raw=None, grade=None, grade_error=None)
         if it["response"] is None:
@@ -715,7 +719,7 @@ def values_grade(args, items: list[dict]):
         it["letter"] = parse_letter(it["response"])
         if it["letter"] is None and grader is not None:
             p = it["pair"]
-            prompt = fill(read_text(EVAL_DIR / "values_grader.txt", "grader prompt"), {
+            prompt = fill(template, {
                 "question": it["prompt"][-1]["content"], "answer": strip_private(it["response"]).strip(),
                 "option_a": p["option_b"] if it["order"] == "ba" else p["option_a"],
                 "option_b": p["option_a"] if it["order"] == "ba" else p["option_b"]}, "values_grader.txt")
@@ -769,10 +773,11 @@ def cmd_values(args):
         items = values_items(args, pairs, policy["kind"] == "endpoint")
         generate(args, policy, items, "generate answers")
     values_grade(args, items)
-    counts = Counter("failed" if it["grade_error"] else "decided" if it["letter"] else "neither" for it in items)
+    counts = Counter("generation failed" if it["response"] is None else "grading failed" if it["grade_error"]
+                     else "decided" if it["letter"] else "neither" for it in items)
     summary = {**summarize_values(pair_rows_from_samples(items)), "scorer": "generate",
                "n_samples": len(items), "samples_decided": counts["decided"], "samples_neither": counts["neither"],
-               "grading_failures": counts["failed"],
+               "grading_failures": counts["grading failed"], "generation_failures": counts["generation failed"],
                "failed_ids": [it["id"] for it in items if it["grade_error"]][:50]}
     return items, summary, items[0]["policy"]
 
@@ -1063,7 +1068,8 @@ def score_block(items: list[dict]) -> dict:
 
 def summarize_openqa(items: list[dict]) -> dict:
     out = {**score_block(items), "n_samples": len(items),
-           "grading_failures": sum(1 for it in items if it["grade"] is None),
+           "grading_failures": sum(1 for it in items if it["grade"] is None and it["response"] is not None),
+           "generation_failures": sum(1 for it in items if it["response"] is None),
            "failed_ids": [it["id"] for it in items if it["grade"] is None][:50]}
     for part in ("topic", "kind"):
         groups = defaultdict(list)
@@ -1394,6 +1400,11 @@ def add_common(p: argparse.ArgumentParser):
     a("--max-retries", type=int, default=5, help="retries of a failed policy request (HTTP 429/5xx, "
       "timeouts) before it is reported (default: 5)")
     a("--timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    a("--token-field", default="max_tokens", choices=["max_tokens", "max_completion_tokens"],
+      help="request field for the token budget; newer OpenAI models want max_completion_tokens "
+      "(default: max_tokens)")
+    a("--no-model-check", action="store_true", help="do not check the model names against the endpoints' "
+      "/models lists, for servers that load models on demand (default: check)")
 
 
 def parse_args(argv=None):
