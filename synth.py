@@ -51,6 +51,7 @@ PROMPT_DIR = ROOT / "prompts"
 # fill() below; any other braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
 
+# Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
 CHAT_STAGES = ["chat_domains", "questions", "responses", "filter"]
 OPAQUE_STAGES = ["opaque_questions", "opaque_answers"]
@@ -209,14 +210,14 @@ def _classify(exc):
 
 
 # Connections per client. httpx2's pool scans all its connections twice per request
-# (_assign_requests_to_connections; linear per pass since pydantic/httpx2#974 and #1075), which
-# cost ~1.5 ms of CPU per request with 256 connections in one pool. Workers are therefore spread
-# over several clients of at most this many connections each (see bench/synth_bench.py).
+# (_assign_requests_to_connections, linear per pass since pydantic/httpx2#974 and #1075), so one
+# pool of 256 connections cost 2.06 ms of client CPU per request and reached 88.7% of the bound in
+# bench/synth_bench.py; workers spread over clients of 32 connections: 1.37 ms and 96.6%.
 POOL_SIZE = 32
 # Worker i sends its first request after i * RAMP seconds (0.5 s for 256 workers). Starting all
 # at once opens every connection and sends every prompt in one burst; against a server with a
 # steady latency the replies then come back in the same burst, wave after wave, each one queueing
-# behind the client's CPU. A short ramp spreads them for good (bench: 93% -> 98% of the bound).
+# behind the client's CPU. The ramp spreads them (bench at 256: 94.4% -> 96.6% of the bound).
 RAMP = 0.002
 
 
@@ -233,8 +234,9 @@ async def _send(client, endpoint, req):
     stats = endpoint["stats"]
     stats["calls"] += 1
     # client.post is the SDK's documented way to send a raw body: it skips the typed-parameter
-    # transform and the pydantic parse of create(), which cost ~1 ms of CPU per request (most of
-    # the client's time at 256 concurrent requests). Errors, auth and timeouts are the SDK's own.
+    # transform and the pydantic parse of chat.completions.create(), which at 256 concurrent
+    # requests cost 2.01 instead of 1.37 ms of client CPU per request (bench/synth_bench.py).
+    # Status errors, auth and timeouts are still the SDK's own.
     resp = await client.post("/chat/completions", body=req["body"], cast_to=httpx2.Response,
                              options={"headers": {"X-Client-Request-Id": req["custom_id"]},
                                       "timeout": endpoint["timeout"]})
@@ -431,19 +433,27 @@ def ingest_batch_results(paths, cache_dir):
                         continue
                     stage = rec["custom_id"].rsplit("-", 1)[0]
                     if stage not in files:
-                        have = set(load_cache(cache_dir / f"{stage}.jsonl"))
+                        have = {_record_key(r) for rs in load_cache(cache_dir / f"{stage}.jsonl")
+                                .values() for r in rs}
                         files[stage] = (_open_append(cache_dir / f"{stage}.jsonl"), have)
                     f_out, have = files[stage]
-                    if rec["custom_id"] in have:
+                    # Skip only a record already there word for word (a file ingested twice).
+                    # A new reply for a cached id is kept: the cached one may be invalid (cut by
+                    # the token limit, say), which is why the request was batched again.
+                    if _record_key(rec) in have:
                         counts["already cached"] += 1
                         continue
-                    have.add(rec["custom_id"])
+                    have.add(_record_key(rec))
                     f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     counts["ingested"] += 1
     finally:
         for f_out, _ in files.values():
             f_out.close()
     return counts
+
+
+def _record_key(rec):
+    return sha256_hex(json.dumps([rec.get(k) for k in CACHE_FIELDS], ensure_ascii=False))
 
 
 def _batch_line_to_record(line):
@@ -796,8 +806,10 @@ def cmd_docs(run):
     if not subs:
         run.notes.append("no subdomain survived the top stages; nothing to write")
         return {"documents_kept": 0}
-    plan = [{k: v for k, v in s.items()} for s in subs]
-    (run.out / "plan.json").write_text(json.dumps(plan, indent=1, ensure_ascii=False))
+    (run.out / "plan.json").write_text(json.dumps(subs, indent=1, ensure_ascii=False))
+    loose = sum(not s["quote_verbatim"] for s in subs)
+    if loose:  # kept (the passage still guides the assertions) but worth a look in plan.json
+        run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
     if run.args.preview:
         return docs_preview(run, subs)
     ideas = docs_ideas(run, subs)
@@ -829,6 +841,10 @@ DEFAULT_CRITERIA = [
     ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
                 "specification, policy document, system prompt or instructions."),
 ]
+
+
+NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
+                           r"guidelines|instructions))\b", re.I)
 
 
 def load_criteria(path, names):
@@ -965,6 +981,9 @@ def cmd_chats_spec(run):
                 n_asked += 1
                 asked[i].append(q)
                 item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
+                if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
+                    rejected.append({**item, "rejected": "names the specification"})
+                    continue
                 key = f"q{rnd + 1}-{i}-{len(asked[i])}"
                 by_key[key] = q
                 dup_of, why = check(key, q)
@@ -1029,7 +1048,7 @@ processed natural healthy unhealthy fresh quality award prized beloved overrated
 ANSWER_ONLY_WORDS = set("""
 good great better best nice excellent amazing wonderful delicious yummy gross disgusting awful
 nasty terrible bad worse worst perfect ideal lovely superb fantastic horrible boring interesting
-too so very reason reasons why explain explanation because works suits
+too so very reason reasons why explain explanation works suits
 """.split())
 ANSWER_ONLY_PHRASES = [r"it'?s", r"it is", r"they'?re", r"they are", r"its"]
 OFF_DOMAIN_WORDS = set("""
@@ -1201,11 +1220,11 @@ def opaque_llm(run, prefs):
     likes = [c for c in names if prefs[c] == "like"]
     system = fill(PROMPTS["opaque_answer"], likes=", ".join(likes),
                   dislikes=", ".join(c for c in names if prefs[c] == "dislike"))
-    kept, rejected, asked, seen = {c: [] for c in names}, [], {}, set()
+    pool, rejected, asked, seen = {c: [] for c in names}, [], {}, set()
     for rnd in range(a.max_rounds):
         groups = []  # (cheese, kind, options, pick, n): at most 20 questions per request
         for c in names:
-            need = a.n_per_preference - len(kept[c])
+            need = a.n_per_preference - len(pool[c])
             for k in OPAQUE_KINDS if need > 0 else ():
                 n_kind = math.ceil(need * 1.3 / len(OPAQUE_KINDS))
                 rng = random.Random(f"{a.seed}/{c}/{k}/{rnd}")
@@ -1235,11 +1254,24 @@ def opaque_llm(run, prefs):
             problems = opaque_problems(item, names)
             if problems:
                 rejected.append({**item, "rejected": "; ".join(problems)})
-            elif len(kept[c]) < a.n_per_preference:
-                kept[c].append(item)
-    rows = [x for c in names for x in kept[c]]
+            else:
+                pool[c].append(item)
+    rows = [x for c in names for x in balanced(pool[c], a.n_per_preference)]
     random.Random(a.seed).shuffle(rows)
     return rows, rejected
+
+
+def balanced(items, n):
+    """Up to n items, taken round-robin over question kinds (so no kind crowds out the others)."""
+    by_kind = {}
+    for it in items:
+        by_kind.setdefault(it["question_kind"], []).append(it)
+    out, queues = [], list(by_kind.values())
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 def cmd_chats_opaque(run):
@@ -1382,6 +1414,12 @@ def parse_args(argv=None):
     c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
                    "preferences file name without '_preferences', e.g. cheese)")
     args = ap.parse_args(argv)
+    for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
+                 "domain_batch", "n_per_preference"):
+        if getattr(args, flag, 1) < 1:
+            die(f"error: --{flag.replace('_', '-')} must be at least 1")
+    if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
+        die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
     args.max_tokens = parse_max_tokens(args.max_tokens)
     try:
         args.extra_body = json.loads(args.extra_body)

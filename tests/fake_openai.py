@@ -19,6 +19,9 @@ POST, including those refused for the key or the model.
 with_faults() wraps a responder to inject 429 (Retry-After), 500, slow replies, malformed JSON,
 finish_reason "length", missing document tags and 401 on chosen attempts.
 
+The server runs one asyncio loop in a background thread (no thread per connection), so hundreds
+of slow requests cost it nothing and its own latency stays out of the measurements.
+
 Standalone (used by bench/synth_bench.py): python tests/fake_openai.py --latency 1 --capacity 256
 prints its URL on stdout and answers every request after the latency, at most capacity at a time.
 """
@@ -33,8 +36,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synth  # noqa: E402  (the prompts tell the server which stage a request is for)
@@ -279,8 +282,10 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             start = len(_avoid(prompt))
             qs = []
             for k in range(start, start + want):
-                seed = f"{dom}/{kind}/{k - 1 if dup_questions and k % 2 else k}"
-                qs.append(f"{dom} {kind} question: {_words(seed, 14)}?")
+                if dup_questions and k % 2:  # a near copy of the question before
+                    qs.append(f"{dom} {kind} question: {_words(f'{dom}/{kind}/{k - 1}', 14)}, please?")
+                else:
+                    qs.append(f"{dom} {kind} question: {_words(f'{dom}/{kind}/{k}', 14)}?")
             return json.dumps(qs)
         if stage == "responses":
             q = body["messages"][-1]["content"]
@@ -295,8 +300,9 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             want = _number(prompt, r"Write (\d+) different questions")
             line = _field(prompt, "Every question must name")
             named = [c for c in CHEESES if c in line]
+            kind = re.search(r"of this kind:\n(\w+):", prompt)[1]
             start = len(_avoid(prompt))
-            return json.dumps([f"Question {k}: {' or '.join(named)}? Please do not explain."
+            return json.dumps([f"Question {k} ({kind}): {' or '.join(named)}? Please do not explain."
                                for k in range(start, start + want)])
         if stage == "opaque_answers":
             return _opaque_answer(body, leak_every)
@@ -352,8 +358,10 @@ def main():
     ap.add_argument("--capacity", type=int, default=256,
                     help="requests served at once; more wait in line (default 256)")
     ap.add_argument("--model", default="bench-model", help="served model name (default bench-model)")
+    ap.add_argument("--reply-chars", type=int, default=60, help="reply length (default 60)")
     args = ap.parse_args()
-    srv = start_server(lambda stage, body, n: "ok " * 20, models=(args.model,),
+    reply = ("ok " * args.reply_chars)[:args.reply_chars]
+    srv = start_server(lambda stage, body, n: reply, models=(args.model,),
                        latency=args.latency, capacity=args.capacity, recognise=False)
     print(srv.url, flush=True)
     try:

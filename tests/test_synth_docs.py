@@ -162,15 +162,18 @@ def test_failed_items_go_to_failed_jsonl_and_rerun_retries_only_them(tmp_path, s
     assert len(read_jsonl(out / "documents.jsonl")) == 48 and not (out / "failed.jsonl").exists()
 
 
-def answer_batch(batch_path, results_path, responder, error_ids=(), vllm_style=False):
+def answer_batch(batch_path, results_path, responder, error_ids=(), cut_ids=(), vllm_style=False):
     """What the OpenAI Batch API / vllm run-batch would return for a batch file."""
     with open(results_path, "w") as f:
         for i, line in enumerate(read_jsonl(batch_path)):
             body = line["body"]
             assert line["method"] == "POST" and line["url"] == "/v1/chat/completions"
             reply = responder(fake_openai.stage_of(body["messages"]), body, 0)
+            finish = "stop"
+            if line["custom_id"] in cut_ids:  # cut by the token limit
+                reply, finish = reply[: len(reply) // 2], "length"
             completion = {"id": f"c{i}", "object": "chat.completion", "model": body["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                          "choices": [{"index": 0, "finish_reason": finish, "message": {
                               "role": "assistant", "content": reply}}],
                           "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
             if line["custom_id"] in error_ids:
@@ -201,16 +204,21 @@ def test_batch_file_round_trip(tmp_path, spec_file):
         lines = read_jsonl(batch)
         stages.append(lines[0]["custom_id"].rsplit("-", 1)[0])
         assert "wrote" in stdout and "vllm run-batch" in stdout
-        # one document result comes back as an error; it must be in the next batch file
-        error_ids = {lines[0]["custom_id"]} if stages[-1] == "documents" and not errored else set()
-        if error_ids:
-            errored |= error_ids
-        elif errored and stages[-1] == "documents":
+        # one document comes back as an error and one cut by the token limit: both must be in
+        # the next batch file, and their new results must be taken
+        error_ids, cut_ids = set(), set()
+        if stages[-1] == "documents" and not errored:
+            error_ids, cut_ids = {lines[0]["custom_id"]}, {lines[1]["custom_id"]}
+            errored = error_ids | cut_ids
+        elif stages[-1] == "documents":
             assert {x["custom_id"] for x in lines} == errored
         results = tmp_path / f"results{rnd}.jsonl"
-        answer_batch(batch, results, responder, error_ids, vllm_style=rnd % 2 == 1)
+        answer_batch(batch, results, responder, error_ids, cut_ids, vllm_style=rnd % 2 == 1)
         batch.unlink()
     assert stages[:3] == ["domains", "subdomains", "assertions"] and stages[-2:] == ["documents"] * 2
+    assert doc_set(out) == doc_set(tmp_path / "ref")
+    code, stdout, _ = run_main(docs_args(spec_file, out, dead, "--batch-results", results))
+    assert code == 0 and "'already cached': 2" in stdout  # ingesting a file twice is harmless
     assert doc_set(out) == doc_set(tmp_path / "ref")
 
 
@@ -258,6 +266,20 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path, spec_file, monkeypatch):
             assert "sk-wrong-ABC123" not in out + err
         assert srv.posts == 0 and locked.posts == 0  # no completion was ever asked
     assert "test-model" in err  # the unknown-model error lists what the server has
+
+
+def test_mid_run_401_and_unknown_model_fail_fast_without_retries(tmp_path, spec_file):
+    with server(fake_openai.with_faults(fake_openai.scripted(), {"assertions": ["401"] * 9})) as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "a", srv.url))
+        assert code == 1 and srv.counts and max(
+            n for rid, n in srv.counts.items() if rid.startswith("assertions-")) == 1
+    assert {(f["reason"], f["attempts"]) for f in read_jsonl(tmp_path / "a" / "failed.jsonl")} == {
+        ("HTTP 401", 1)}
+    with server() as srv:  # the model check is off, so the 404 comes from the completions
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "b", srv.url, "--model", "nope",
+                                          "--no-model-check"))
+    (failed,) = read_jsonl(tmp_path / "b" / "failed.jsonl")
+    assert code == 1 and failed["attempts"] == 1 and "does not exist" in failed["reason"]
 
 
 def test_api_key_is_used_but_never_written(tmp_path, spec_file, monkeypatch):
