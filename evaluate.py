@@ -1278,32 +1278,36 @@ def bar_chart(path: Path, arms, cols, cells, paper):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(cols), figsize=(1.2 + 0.9 * len(arms) * len(cols), 3.8), squeeze=False)
+    cols = [c for c in cols if any((a, c) in cells for a in arms)]  # a figure nobody computed: no panel
+    n_bars = sum(1 for c in cols for a in arms if (a, c) in cells)
+    fig, axes = plt.subplots(1, max(len(cols), 1), figsize=(1.5 + 0.9 * n_bars * (1.6 if paper else 1), 3.8),
+                             squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.38 if paper else 0.7
     for ax, col in zip(axes[0], cols):
-        for x, arm in enumerate(arms):
-            c, colour = cells.get((arm, col)), colours[x % len(colours)]
-            if not c:
-                continue
-            ax.bar(x, c["mean"], width, color=colour, yerr=c["sem"] if c["k"] > 1 else None, capsize=3,
-                   label="ours (mean ± SEM over seeds)" if x == 0 else None)
+        present, ticks = [a for a in arms if (a, col) in cells], []
+        for x, arm in enumerate(present):
+            c, colour = cells[arm, col], colours[arms.index(arm) % len(colours)]
+            ax.bar(x, c["mean"], width, color=colour, yerr=c["sem"] if c["k"] > 1 else None, capsize=3)
             jitter = [(i - (c["k"] - 1) / 2) * 0.05 for i in range(c["k"])]
             ax.scatter([x + j for j in jitter], c["values"], s=10, color="black", zorder=3)
             pv = paper_value(paper, arm, c["head"])
             if pv is not None:
-                ax.bar(x + width, pv, width, color="white", edgecolor=colour, hatch="//",
-                       label="paper (Li et al. 2026)")
-        ax.set_xticks([x + (width / 2 if paper else 0) for x in range(len(arms))])
-        ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
-        score = "score" in col[1]
-        ax.set_ylim(0, 10 if score else 1)
+                ax.bar(x + width, pv, width, color="white", edgecolor=colour, hatch="//")
+            ticks.append(x + (width / 2 if pv is not None else 0))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(present, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.7, len(present) - 0.3 + (width if paper else 0))
+        ax.set_ylim(0, 10 if "score" in col[1] else 1)
         ax.set_title(f"{col[0]}\n{col[1]}", fontsize=9)
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="y", alpha=0.3)
-    handles = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    handles = [Patch(color="grey", label="ours: mean ± SEM over seeds, dots = seeds")]
+    if paper:
+        handles.append(Patch(facecolor="white", edgecolor="grey", hatch="//", label="paper (Li et al. 2026)"))
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
