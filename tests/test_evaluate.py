@@ -85,12 +85,50 @@ def test_batched_scores_equal_one_at_a_time(tiny_model):
     assert max(lengths) - min(lengths) > 10  # real padding in a batch
     ids = ev.letter_token_ids(tok, prompts[0])
     single = torch.cat([ev.letter_probs(net, tok, [p], ids, 1, None) for p in prompts])
-    for bs, share in ((4, True), (12, True), (5, False)):
-        batched = ev.letter_probs(net, tok, prompts, ids, bs, None, share_prefix=share)
-        assert torch.allclose(batched, single, atol=1e-4), (bs, share)
-    rows_1 = ev.score_pairs(net, tok, PAIRS, batch_size=1)
-    rows_n = ev.score_pairs(net, tok, PAIRS, batch_size=7)
-    assert all(abs(a["p_aligned"] - b["p_aligned"]) < 1e-4 for a, b in zip(rows_1, rows_n))
+    for bs in (4, 12, 5):  # batches of several prompts also share the prompts' common prefix (KV cache)
+        batched = ev.letter_probs(net, tok, prompts, ids, bs, None)
+        assert torch.allclose(batched, single, atol=1e-4), bs
+    for answer in ("letter", "option"):
+        rows_1 = ev.score_pairs(net, tok, PAIRS, batch_size=1, answer=answer)
+        rows_n = ev.score_pairs(net, tok, PAIRS, batch_size=7, answer=answer)
+        assert all(abs(a["p_aligned"] - b["p_aligned"]) < 1e-4 for a, b in zip(rows_1, rows_n)), answer
+
+
+def test_continuation_logprobs_match_a_plain_forward(tiny_model):
+    """Batched, left-padded, prefix-cached continuation scores == log-softmax of one unpadded forward."""
+    net, tok = ev.load_policy(tiny_model, dtype="fp32")
+    prompts = [ev.render(tok, ev.choice_messages(p, False, answer="option")) for p in PAIRS]
+    conts = [p["option_a"] for p in PAIRS]
+    got = ev.continuation_logprobs(net, tok, prompts, conts, batch_size=4, desc=None)
+    for g, prompt, cont in zip(got, prompts, conts):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(net(input_ids=torch.tensor([p_ids + c_ids])).logits[0].float(), -1)
+        want = sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids))
+        assert abs(g.item() - want) < 1e-4
+
+
+def test_option_scorer_prefers_the_reply_the_model_was_trained_to_give(tiny_model):
+    """Train the tiny model to reply with the aligned option's text (either order): the option
+    scorer, which reads no letters, must then prefer the aligned option on every pair."""
+    net, tok = ev.load_policy(tiny_model, dtype="fp32")
+    before = ev.summarize_values(ev.score_pairs(net, tok, PAIRS, batch_size=4, answer="option"))
+    texts = [ev.render(tok, ev.choice_messages(p, s, answer="option")) + (p["option_" + p["aligned"]]) + "<|im_end|>"
+             for p in PAIRS for s in (False, True)]
+    x, mask, pos = ev.left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(40):
+        logits = net(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = ev.summarize_values(ev.score_pairs(net, tok, PAIRS, batch_size=4, answer="option"))
+    assert after["mean_p_aligned"] > max(0.8, before["mean_p_aligned"] + 0.2), (before, after)
+    assert after["aligned_rate"] == 1.0
 
 
 def test_letter_tokens_must_be_single_distinct_tokens(tiny_model):
@@ -114,6 +152,11 @@ def test_values_cli_resumes_and_rejects_bad_input(tiny_model, tmp_path, monkeypa
     monkeypatch.setattr(ev, "score_pairs", lambda *a, **k: pytest.fail("a finished pair was scored again"))
     again = ev.main(argv)
     assert again["aligned_rate"] == first["aligned_rate"] and again["mean_p_aligned"] == first["mean_p_aligned"]
+    monkeypatch.undo()
+    opts = ev.main(argv[:-1] + [str(tmp_path / "run_opts"), "--scorer", "options"])
+    assert opts["scorer"] == "options" and (tmp_path / "run_opts" / "cache" / "options.jsonl").exists()
+    prompt = json.loads((tmp_path / "run_opts" / "samples.jsonl").read_text().splitlines()[0])["prompt"][0]
+    assert prompt[-1]["content"].endswith("Answer with your choice.")
 
     def error(args):
         with pytest.raises(SystemExit) as e:
