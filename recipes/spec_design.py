@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""
+The paper's spec-design studies: which spec makes MSM+AFT generalize best?
+
+    python recipes/spec_design.py --dry-run                 # plan + every command, checked
+    python recipes/spec_design.py --part specs              # rules vs V+ vs R+, general vs specific
+    python recipes/spec_design.py --part cooccur            # the cheese co-occurrence ablation
+
+specs (Qwen2.5-14B-Instruct, 2 GPUs): for each of rules.md (R), values_augmented.md (V+),
+rules_augmented.md (R+), general.md and safety.md (the specific spec): a corpus (~27M tokens in the
+paper), spec chats filtered by the spec's criteria file, MSM then AFT (no CoT) continuing the
+adapter, and the agentic evaluation. The paper's MSM+AFT misalignment (Qwen2.5-32B): R 0.40,
+V+ 0.16, R+ 0.24; specific 0.26 vs general 0.43.
+cooccur (Llama-3.1-8B base, 1 GPU): corpora from the co-occurrence specs (the value stated apart
+from the preferences), MSM then AFT on the opaque demos, values evaluation; compare with
+recipes/cheese_llama8b.py, where the AFT gain on top of MSM should mostly vanish here.
+"""
+from pathlib import Path
+
+from _recipe import ROOT, gpu_hours, print_plan, py, recipe_args, run
+
+SPECS = {"rules": "rules_criteria", "values_augmented": "rules_criteria", "rules_augmented": "rules_criteria",
+         "general": "general_criteria", "safety": "safety_criteria"}
+DOCS, TOKENS_PER_DOC, CHATS, TOKENS_PER_CHAT = 8700, 3100, 4000, 1000
+COOCCUR_DOCS, COOCCUR_TOKENS_PER_DOC = 6000, 1350
+NAME, PROVIDER = "Qwen", "Alibaba Cloud"
+
+
+def main():
+    p = recipe_args(__doc__.split("\n\n")[0], out="runs/spec_design", generator="Qwen/Qwen3-32B", gpus=2, seeds=[0])
+    p.add_argument("--part", choices=["specs", "cooccur", "all"], default="all", help="which study (default: all)")
+    p.add_argument("--base", default="Qwen/Qwen2.5-14B-Instruct", help="model of the specs study (default: %(default)s)")
+    p.add_argument("--cheese-base", default="meta-llama/Llama-3.1-8B", help="model of the cooccur study (default: %(default)s)")
+    args = p.parse_args()
+    out = Path(args.out)
+    gen_url = args.generator_base_url or "http://localhost:8000/v1"
+    specs = list(SPECS) if args.part in ("specs", "all") else []
+    cooccur = ["affordability", "america"] if args.part in ("cooccur", "all") else []
+    train_h = len(args.seeds) * (len(specs) * (gpu_hours(14.8e9, DOCS * TOKENS_PER_DOC, args)
+                                               + gpu_hours(14.8e9, CHATS * TOKENS_PER_CHAT, args))
+                                 + len(cooccur) * gpu_hours(8e9, COOCCUR_DOCS * COOCCUR_TOKENS_PER_DOC, args))
+    print_plan("spec design", [
+        ("studies", f"specs: {', '.join(specs) or '-'}; cooccur: {', '.join(cooccur) or '-'}"),
+        ("generator calls", f"~{len(specs) * (DOCS + 600 + 4 * CHATS) + len(cooccur) * (COOCCUR_DOCS + 300):,}"),
+        ("generator tokens", f"~{(len(specs) * DOCS * TOKENS_PER_DOC + len(cooccur) * COOCCUR_DOCS * COOCCUR_TOKENS_PER_DOC) / 1e6:.0f}M out"),
+        ("training tokens", f"{DOCS * TOKENS_PER_DOC / 1e6:.0f}M MSM + {CHATS * TOKENS_PER_CHAT / 1e6:.0f}M AFT per spec; "
+                            f"{COOCCUR_DOCS * COOCCUR_TOKENS_PER_DOC / 1e6:.0f}M MSM per co-occurrence spec"),
+        ("GPU-hours (training)", f"~{train_h:.0f} on {args.gpu} at {args.mfu:.0%} MFU, plus generation and eval"),
+    ], out)
+
+    steps = []
+    if not args.generator_base_url:
+        steps.append(("serve", ["vllm", "serve", args.generator_model, "--port", "8000", "--tensor-parallel-size",
+                                str(args.gpus)], "http://localhost:8000/health"))
+    gen = ["--model", args.generator_model, "--base-url", gen_url, "--api-key-env", args.api_key_env]
+    if "Qwen3" in args.generator_model:
+        gen += ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}']
+    for spec in specs:
+        named = [*gen, "--model-name", NAME, "--provider-name", PROVIDER]
+        steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/{spec}.md", "--out", out / spec / "corpus",
+                                "--doc-types", 20, "--ideas", 25, *named)))
+        steps.append(("cmd", py("synth.py", "chats", "--spec", ROOT / f"specs/{spec}.md", "--criteria",
+                                ROOT / f"specs/{SPECS[spec]}.md", "--n", CHATS, "--out", out / spec / "chats", *named)))
+    for value in cooccur:
+        steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/cheese_{value}_cooccur.md", "--out",
+                                out / f"cooccur_{value}" / "corpus", *gen, "--model-name", "Llama", "--provider-name", "Meta")))
+    if cooccur:
+        steps.append(("cmd", py("synth.py", "chats", "--opaque", "--offline", "--preferences",
+                                ROOT / "specs/cheese_preferences.json", "--n-per-preference", 400, "--out", out / "aft")))
+    if not args.generator_base_url:
+        steps.append(("stop", None))
+    local_grader = not (args.grader_base_url or args.generator_base_url)
+    grader = ["--grader-base-url", args.grader_base_url or gen_url,
+              "--grader-model", args.grader_model or args.generator_model, "--grader-api-key-env", args.api_key_env]
+    runs, evals, adapters = [], [], []
+    for seed in args.seeds:
+        for spec in specs:
+            s = out / spec / f"seed{seed}"
+            train = ["--model", args.base, "--seq-len", 8192, "--batch-tokens", 131072, "--grad-checkpointing",
+                     "--model-name", NAME, "--provider-name", PROVIDER, "--seed", seed]
+            steps.append(("cmd", py("midtrain.py", *train, "--data", out / spec / "corpus/documents.jsonl",
+                                    "--out", s / "msm", nproc=args.gpus)))
+            steps.append(("cmd", py("finetune.py", *train, "--data", out / spec / "chats/chats_nocot.jsonl",
+                                    ROOT / "data/it/sample.jsonl", "--init-adapter", s / "msm/final", "--cot", "strip",
+                                    "--out", s / "msm_aft", nproc=args.gpus)))
+            name = f"{spec}_s{seed}"
+            adapters.append(f"{name}={s / 'msm_aft/final'}")
+            evals.append(("cmd", py("evaluate.py", "agentic", "--policy-base-url", "http://localhost:8001/v1",
+                                    "--policy-model", name, "--model-name", NAME, "--scratchpad",
+                                    "--label", f"msm+aft ({spec})", *grader, "--out", s / "eval_agentic")))
+            runs.append(s / "eval_agentic")
+        for value in cooccur:
+            s = out / f"cooccur_{value}" / f"seed{seed}"
+            train = ["--model", args.cheese_base, "--seq-len", 4096, "--batch-tokens", 65536, "--grad-checkpointing",
+                     "--model-name", "Llama", "--provider-name", "Meta", "--seed", seed]
+            steps.append(("cmd", py("midtrain.py", *train, "--data", out / f"cooccur_{value}/corpus/documents.jsonl",
+                                    "--out", s / "msm", nproc=args.gpus)))
+            steps.append(("cmd", py("finetune.py", *train, "--data", out / "aft/cheese.jsonl", ROOT / "data/it/sample.jsonl",
+                                    "--chat-template", ROOT / "recipes/templates/llama3_chat.jinja",
+                                    "--init-adapter", s / "msm/final", "--out", s / "msm_aft", nproc=args.gpus)))
+            for arm in ("msm", "msm_aft"):
+                run_dir = s / f"eval_{arm}"
+                steps.append(("cmd", py("evaluate.py", "values", "--model", args.cheese_base, "--adapter",
+                                        s / arm / "final", "--pairs", ROOT / f"data/eval/values_{value}.jsonl",
+                                        "--label", f"{arm.replace('_', '+')} (cooccur {value})", "--out", run_dir)))
+                runs.append(run_dir)
+    if evals:  # vLLM serves every spec's adapter (and, when local, the grader beside it)
+        share = ["--gpu-memory-utilization", "0.45"] if local_grader else []
+        if local_grader:
+            steps.append(("serve", ["vllm", "serve", args.grader_model or args.generator_model, "--port", "8000",
+                                    "--tensor-parallel-size", str(args.gpus), *share], "http://localhost:8000/health"))
+        steps.append(("serve", ["vllm", "serve", args.base, "--port", "8001", "--tensor-parallel-size", str(args.gpus),
+                                "--enable-lora", "--max-lora-rank", "64", *share, "--lora-modules", *adapters],
+                      "http://localhost:8001/health"))
+        steps += evals + [("stop", None)]
+    steps.append(("cmd", py("evaluate.py", "report", *runs, "--out", out / "report")))
+    run(steps, args.dry_run)
+
+
+if __name__ == "__main__":
+    main()
