@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE = -100  # target value that carries no loss
+CE_CHUNK = 4096  # rows of logits formed at a time by the chunked cross-entropy
 # Noise with no action for the user: DCP saving without a process group (one process is intended),
 # and peft calling a transformers property that transformers has renamed.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -77,6 +78,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
       help="compute precision; bf16 keeps fp32 master weights; auto = bf16 on CUDA, fp32 on CPU (default: auto)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (default: off)")
+    a("--compile", action="store_true",
+      help="torch.compile each decoder layer: ~15%% faster steps after a compile of ~30 s per stage on CPU; "
+           "worth it for long runs (default: off)")
     a("--save-every", type=int, default=0,
       help="save a resumable checkpoint every N steps; 0 = only at the end (default: 0)")
     a("--keep-checkpoints", type=int, default=2, help="resumable checkpoints to keep; 0 = all (default: 2)")
@@ -341,9 +345,22 @@ def load_model(args, d: Dist, config, init_adapter: str | None = None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model = add_lora(model, args, init_adapter)
+    if args.compile:  # per layer, as torchtitan does: one small graph reused by every layer, FSDP-friendly
+        for layer in decoder_layers(model):
+            layer.compile()
     if d.world == 1:
         return model.to(d.device)
     return shard(model, d, dtype)
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks, found by the model's own _no_split_modules (e.g. LlamaDecoderLayer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise InputError(f"{args_model_name(base)}: cannot find its decoder layers (_no_split_modules)")
+    return layers
 
 
 def add_lora(model, args, init_adapter):
@@ -375,12 +392,7 @@ def shard(model, d: Dist, dtype):
     full_sd = {k: v.clone() for k, v in model.state_dict().items()} if d.rank == 0 else {}
     buffers = {k: v.clone() for k, v in model.named_buffers()} if d.rank == 0 else {}
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layer_types = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
-    if not layers:
-        raise InputError(f"{args_model_name(base)}: cannot find decoder layers to shard (_no_split_modules)")
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)  # the root holds embeddings, final norm and (tied) lm_head together
     if d.rank != 0:
@@ -564,14 +576,64 @@ def micro_batches(rows: Rows, mb: int, d: Dist):
         yield rows.select(idx)
 
 
-def token_loss_sum(model, batch: Rows, device, autocast_dtype) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's targets (0, not NaN, when it has none)."""
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = h @ w.T against targets y, a chunk of rows at a time, with
+    the gradients formed on the way: the [tokens x vocab] logits never exist whole and nothing
+    vocab-sized is kept for backward. At seq 8192 and a 152k vocabulary that is 5 GB of fp32 logits
+    (and as much again for their gradient) per row that a plain F.cross_entropy would hold."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if w.requires_grad else None
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk], y[s:s + chunk]
+            logits = (hc @ w.T).float()  # in the autocast dtype when autocast is on, then fp32
+            top = logits.amax(-1, keepdim=True)
+            picked = logits.gather(1, yc[:, None])
+            z = logits.sub_(top).exp_().sum(-1, keepdim=True)  # in place: logsumexp was 8x slower on CPU
+            loss += (z.log() + top - picked).sum()
+            g = logits.div_(z)  # softmax
+            g[torch.arange(len(yc), device=g.device), yc] -= 1  # d loss / d logits
+            dev = h.device.type
+            g = g.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hc.dtype, w.dtype))
+            grad_h[s:s + chunk] = (g @ w.to(g.dtype)).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (g.T @ hc.to(g.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, None if grad_w is None else (grad_w * grad_loss).to(ctx.w_dtype), None, None
+
+
+def token_loss_sum(model, batch: Rows, device, autocast_dtype, chunked: bool = True) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's targets (0, not NaN, when it has none).
+
+    chunked: for the forward pass the output layer returns the loss itself (ChunkedCrossEntropy on
+    the rows that have a target) instead of the logits. Its forward is swapped on the instance for
+    this call only, so parameters, state-dict keys and FSDP's unsharding of the root are untouched.
+    """
     x = batch.input_ids.to(device, torch.long)
-    y = batch.targets.to(device, torch.long)
+    y = batch.targets.to(device, torch.long).flatten()
     pos = batch.position_ids.to(device, torch.long)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    head = model.get_output_embeddings()
+    if chunked:
+        keep = y != IGNORE
+        head.forward = lambda h: ChunkedCrossEntropy.apply(h.flatten(0, 1)[keep], head.weight, y[keep], CE_CHUNK)
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model(input_ids=x, position_ids=pos, use_cache=False).logits
+    finally:
+        if chunked:
+            del head.forward  # back to the class's forward
+    if chunked:
+        return out
+    return F.cross_entropy(out.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
 
 
 def matmul_params(model) -> int:

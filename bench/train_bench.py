@@ -95,7 +95,7 @@ def ours(mode, cfg, tmp) -> dict:
            "--seq-len", str(cfg["seq_len"]), "--batch-tokens", str(cfg["seq_len"] * cfg["micro_batch"] * cfg["accum"]),
            "--micro-batch", str(cfg["micro_batch"]), "--max-steps", str(cfg["steps"]), "--dtype", cfg["dtype"],
            "--lora-rank", "0" if mode == "full" else "64", "--model-name", "SmolLM", "--provider-name", "Hugging Face",
-           "--log-every", "1000"]
+           "--log-every", "1000", *(["--compile"] if cfg.get("compile") else [])]
     start = time.perf_counter()
     run(cmd)
     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,6 +123,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=512, help="row length (default: 512)")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per forward pass (default: 4)")
     p.add_argument("--accum", type=int, default=2, help="gradient accumulation steps (default: 2)")
+    p.add_argument("--compile", action="store_true", help="also time midtrain/finetune with --compile (default: off)")
     args = p.parse_args()
     if args.model is None:
         import demo
@@ -135,11 +136,13 @@ def main():
                "data": str(ROOT / ("data/aft/cheese.jsonl" if mode == "sft" else "data/corpus/cheese_affordability.jsonl"))}
         name = "finetune.py" if mode == "sft" else "midtrain.py"
         with tempfile.TemporaryDirectory() as tmp:
-            a = ours(mode, cfg, tmp)
-            print(f"{mode:5s} {name:12s} {rate(a):8.1f} tok/s  peak {a['peak_gb']:.2f} GB", flush=True)
             b = trainer(mode, cfg, tmp)
-        print(f"{mode:5s} {name:12s} {rate(a):8.1f} tok/s  peak {a['peak_gb']:.2f} GB | Trainer {rate(b):8.1f} tok/s  "
-              f"peak {b['peak_gb']:.2f} GB | speed ratio {rate(a) / rate(b):.2f}x", flush=True)
+            print(f"{mode:5s} {'Trainer':22s} {rate(b):8.1f} tok/s  peak {b['peak_gb']:.2f} GB", flush=True)
+            for compiled in ([False, True] if args.compile else [False]):
+                a = ours(mode, {**cfg, "compile": compiled}, tmp)
+                label = name + (" --compile" if compiled else "")
+                print(f"{mode:5s} {label:22s} {rate(a):8.1f} tok/s  peak {a['peak_gb']:.2f} GB  "
+                      f"speed {rate(a) / rate(b):.2f}x Trainer, memory {a['peak_gb'] / b['peak_gb']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,44 @@ def test_packing_counts_and_row_boundaries():
     assert plain.targets[1, 2] == 3  # without doc masking EOS predicts the next document
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_cross_entropy_equals_plain(tiny_model, monkeypatch, lora):
+    """The loss computed chunk by chunk in the output layer (grads formed in forward) gives the loss
+    and the gradients of a plain F.cross_entropy over full logits; chunks of 7 rows cross rows."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(midtrain, "CE_CHUNK", 7)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if lora:
+        model = midtrain.add_lora(model, Namespace(seed=0, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                                                   lora_targets=midtrain.LORA_TARGETS), None)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p)  # B starts at zero: give the adapters gradients to compare
+    T = 16
+    x = torch.randint(0, 300, (2, T))
+    y = x.clone()
+    y[0, :5] = midtrain.IGNORE
+    rows = midtrain.Rows(x.int(), y.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))
+    got = {}
+    for chunked in (False, True):
+        model.zero_grad()
+        loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), None, chunked=chunked)
+        loss.backward()
+        got[chunked] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (plain, g_plain), (chunk, g_chunk) = got[False], got[True]
+    assert chunk == pytest.approx(plain, rel=1e-6) and g_plain.keys() == g_chunk.keys()
+    assert all(torch.allclose(g_plain[k], g_chunk[k], rtol=1e-4, atol=1e-5) for k in g_plain)
+    assert type(model.get_output_embeddings()).forward is model.get_output_embeddings().forward.__func__
+
+
+def test_compile_matches_eager(tiny_model, docs, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    midtrain.main([str(a) for a in train_args(tiny_model, docs, eager, "--max-steps", 3)])
+    midtrain.main([str(a) for a in train_args(tiny_model, docs, compiled, "--max-steps", 3, "--compile")])
+    assert max(abs(a - b) for a, b in zip(losses(eager), losses(compiled))) < 1e-4
+
+
 def test_empty_micro_batch_gives_zero_not_nan(tiny_model):
     from transformers import AutoModelForCausalLM
 
