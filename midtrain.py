@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE = -100  # target value that carries no loss
-CE_CHUNK = 4096  # rows of logits formed at a time by the chunked cross-entropy
+CE_CHUNK = 1024  # rows of logits formed at a time by the chunked cross-entropy
 # Noise with no action for the user: DCP saving without a process group (one process is intended),
 # and peft calling a transformers property that transformers has renamed.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -606,9 +606,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss):  # in place: the saved gradients are used once (no retain_graph)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, None if grad_w is None else (grad_w * grad_loss).to(ctx.w_dtype), None, None
+        return grad_h.mul_(grad_loss), None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype), None, None
 
 
 def token_loss_sum(model, batch: Rows, device, autocast_dtype, chunked: bool = True) -> torch.Tensor:

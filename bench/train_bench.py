@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """Training throughput: midtrain.py / finetune.py against transformers.Trainer on the same job.
 
-    python bench/train_bench.py                 # SmolLM2-135M-Instruct (prepared by demo.py), CPU
-    python bench/train_bench.py --steps 6 --dtype bf16 --modes lora full sft
+    python bench/train_bench.py --compile       # SmolLM2-135M-Instruct (prepared by demo.py), CPU
+    python bench/train_bench.py --steps 6 --dtype fp32 --modes lora full sft --repeats 3
 
 Same model, same documents (data/corpus/cheese_affordability.jsonl), seq 512, same tokens per
 optimizer step, same precision, same optimizer settings. Each side runs in its own process; the
 figure is non-pad tokens per second over the steps after the first (warm-up), and peak memory is
-the process's max RSS on CPU (max allocated on CUDA). For chats (sft), Trainer gets what a user
-would give it: the same rendered chats with assistant-only labels, padded per batch.
+the process's max RSS on CPU (max allocated on CUDA). Runs of the two sides are interleaved and
+repeated, and medians reported: a shared 2-core machine varies by ~10% between runs. For chats
+(sft), Trainer gets what a user would give it: the same rendered chats with assistant-only labels,
+padded per batch (so it holds fewer tokens per micro-batch than a packed 4 x 512 row batch).
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,7 +93,7 @@ def run(cmd, env=None) -> tuple[str, float]:
 
 def ours(mode, cfg, tmp) -> dict:
     script = "finetune.py" if mode == "sft" else "midtrain.py"
-    out = Path(tmp) / f"ours-{mode}"
+    out = Path(tmp) / f"ours-{mode}{'-compile' if cfg.get('compile') else ''}"
     cmd = [sys.executable, str(ROOT / script), "--model", cfg["model"], "--data", cfg["data"], "--out", str(out),
            "--seq-len", str(cfg["seq_len"]), "--batch-tokens", str(cfg["seq_len"] * cfg["micro_batch"] * cfg["accum"]),
            "--micro-batch", str(cfg["micro_batch"]), "--max-steps", str(cfg["steps"]), "--dtype", cfg["dtype"],
@@ -118,12 +121,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct prepared by demo.py)")
     p.add_argument("--modes", nargs="+", default=["lora", "full", "sft"], help="lora, full, sft (default: all)")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run, the first not timed (default: 4)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per run, the first not timed (default: 5)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="precision of both sides (default: bf16)")
     p.add_argument("--seq-len", type=int, default=512, help="row length (default: 512)")
     p.add_argument("--micro-batch", type=int, default=4, help="rows per forward pass (default: 4)")
     p.add_argument("--accum", type=int, default=2, help="gradient accumulation steps (default: 2)")
     p.add_argument("--compile", action="store_true", help="also time midtrain/finetune with --compile (default: off)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; medians reported (default: 2)")
     args = p.parse_args()
     if args.model is None:
         import demo
@@ -135,14 +139,21 @@ def main():
                "steps": args.steps, "dtype": args.dtype,
                "data": str(ROOT / ("data/aft/cheese.jsonl" if mode == "sft" else "data/corpus/cheese_affordability.jsonl"))}
         name = "finetune.py" if mode == "sft" else "midtrain.py"
-        with tempfile.TemporaryDirectory() as tmp:
-            b = trainer(mode, cfg, tmp)
-            print(f"{mode:5s} {'Trainer':22s} {rate(b):8.1f} tok/s  peak {b['peak_gb']:.2f} GB", flush=True)
-            for compiled in ([False, True] if args.compile else [False]):
-                a = ours(mode, {**cfg, "compile": compiled}, tmp)
-                label = name + (" --compile" if compiled else "")
-                print(f"{mode:5s} {label:22s} {rate(a):8.1f} tok/s  peak {a['peak_gb']:.2f} GB  "
-                      f"speed {rate(a) / rate(b):.2f}x Trainer, memory {a['peak_gb'] / b['peak_gb']:.2f}x", flush=True)
+        sides = {"Trainer": lambda tmp: trainer(mode, cfg, tmp), name: lambda tmp: ours(mode, cfg, tmp)}
+        if args.compile:
+            sides[name + " --compile"] = lambda tmp: ours(mode, {**cfg, "compile": True}, tmp)
+        runs = {k: [] for k in sides}
+        for r in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits both
+            for label, fn in sides.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs[label].append(fn(tmp))
+                print(f"{mode:5s} {label:22s} run {r + 1}: {rate(runs[label][-1]):7.1f} tok/s  "
+                      f"peak {runs[label][-1]['peak_gb']:.2f} GB", flush=True)
+        base = statistics.median(rate(x) for x in runs["Trainer"]), max(x["peak_gb"] for x in runs["Trainer"])
+        for label, xs in runs.items():
+            speed, peak = statistics.median(rate(x) for x in xs), max(x["peak_gb"] for x in xs)
+            print(f"== {mode:5s} {label:22s} {speed:7.1f} tok/s (median of {len(xs)})  peak {peak:.2f} GB  "
+                  f"speed {speed / base[0]:.2f}x Trainer, peak memory {peak / base[1]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
