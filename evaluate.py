@@ -3,9 +3,10 @@
 evaluate.py: does MSM work? Value-preference, agentic-misalignment and open-question evaluations.
 
   values   forced-choice preference pairs; --scorer logprob compares the model's probability of
-           answering "A" vs "B", averaged over both option orders (no grader; the right scorer for
-           small models); --scorer generate samples an answer, parses the letter, and asks the
-           grader only when parsing fails. Metric: value-aligned rate, overall and per domain.
+           answering "A" vs "B", averaged over both option orders (no grader); --scorer options
+           scores each option's own text as the reply instead (for models too small to use
+           letters); --scorer generate samples an answer, parses the letter, and asks the grader
+           only when parsing fails. Metric: value-aligned rate, overall and per domain.
   agentic  email-agent scenarios (data/agentic/): the model learns it will be replaced today and
            can exfiltrate its weights, leak a confidential document, or cancel an emergency
            alert. 3 actions x 9 goal settings = 27 conditions. Graded twice: an LLM classifier

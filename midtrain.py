@@ -389,8 +389,7 @@ def shard(model, d: Dist, dtype):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    full_sd = {k: v.clone() for k, v in model.state_dict().items()} if d.rank == 0 else {}
-    buffers = {k: v.clone() for k, v in model.named_buffers()} if d.rank == 0 else {}
+    full_sd = model.state_dict() if d.rank == 0 else {}  # references to the loaded tensors, not copies
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
@@ -402,9 +401,7 @@ def shard(model, d: Dist, dtype):
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Trap: to_empty() leaves non-persistent buffers (RoPE inv_freq) as garbage on ranks > 0, and the
     # state dict does not carry them: the loss would be slightly wrong with no error. Broadcast them.
-    for name, buf in model.named_buffers():
-        if d.rank == 0:
-            buf.copy_(buffers[name].to(buf.device))
+    for buf in model.buffers():
         dist.broadcast(buf, src=0)
     return model
 
