@@ -545,16 +545,6 @@ def open_policy(args) -> dict:
     return {"kind": "local", "net": net, "tok": tok, "id": pid, "info": info}
 
 
-def open_append(path: Path):
-    """Append handle for a JSON-lines cache; a line torn by a kill is ended first so lines never merge."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if torn:
-        f.write("\n")
-    return f
-
-
 def failure_reasons(path: Path) -> dict:
     """custom_id -> reason of its latest failure in a synth failed-requests file."""
     out = {}
@@ -589,7 +579,7 @@ def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict
         return results
     s = pending[0][0]["sampling"]  # one temperature and budget per run
     prompts = [render(policy["tok"], it["prompt"], args.template_kwargs) for it, _ in pending]
-    with open_append(cache) as f:
+    with synth.open_append(cache) as f:
         def on_batch(idx, res):
             for i in idx:
                 rec = {"custom_id": pending[i][1]["custom_id"], "model": policy["id"], "reasoning": None, **res[i]}
@@ -712,7 +702,7 @@ def values_logprob(args, policy: dict, pairs: list[dict]) -> list[dict]:
     done = {cid: recs[-1] for cid, recs in synth.load_cache(cache).items()}
     todo = [p for p in pairs if key[p["id"]] not in done]
     chunk = 128  # pairs per cache flush: a killed run loses at most one chunk
-    with open_append(cache) as f, tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="score pairs",
+    with synth.open_append(cache) as f, tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="score pairs",
                                        unit="pair", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]

@@ -324,7 +324,7 @@ def load_cache(path):
     return cached
 
 
-def _open_append(path):
+def open_append(path):
     """Open a JSONL file for appending; first end a line torn by a kill so lines never merge."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +367,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
 
     bar = tqdm(total=len(seen), initial=len(results), desc=desc, unit="req", mininterval=0.5,
                dynamic_ncols=True)
-    cache_f = _open_append(cache_path)
+    cache_f = open_append(cache_path)
     failed_f, n_failed = None, 0
 
     def progress():
@@ -387,7 +387,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
         n_failed += 1
         stats["failed"] += 1
         if failed_path:
-            failed_f = failed_f or _open_append(failed_path)
+            failed_f = failed_f or open_append(failed_path)
             line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
             failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
             failed_f.flush()
@@ -435,7 +435,7 @@ def ingest_batch_results(paths, cache_dir):
                     if stage not in files:
                         have = {_record_key(r) for rs in load_cache(cache_dir / f"{stage}.jsonl")
                                 .values() for r in rs}
-                        files[stage] = (_open_append(cache_dir / f"{stage}.jsonl"), have)
+                        files[stage] = (open_append(cache_dir / f"{stage}.jsonl"), have)
                     f_out, have = files[stage]
                     # Skip only a record already there word for word (a file ingested twice).
                     # A new reply for a cached id is kept: the cached one may be invalid (cut by

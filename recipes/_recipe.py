@@ -57,6 +57,47 @@ def py(script: str, *args, nproc: int = 1) -> list[str]:
     return [*launcher, str(ROOT / script), *map(str, args)]
 
 
+def start_generator(args) -> list:
+    """vLLM serving the generator on port 8000, unless --generator-base-url names an endpoint."""
+    if args.generator_base_url:
+        return []
+    return [("serve", ["vllm", "serve", args.generator_model, "--port", "8000", "--tensor-parallel-size",
+                       str(args.gpus)], "http://localhost:8000/health")]
+
+
+def generator_flags(args) -> list:
+    """synth.py's endpoint flags for the generator (Qwen3 with its thinking off: documents have their
+    own scratchpad)."""
+    flags = ["--model", args.generator_model, "--base-url", args.generator_base_url or "http://localhost:8000/v1",
+             "--api-key-env", args.api_key_env]
+    if "Qwen3" in args.generator_model:
+        flags += ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}']
+    return flags
+
+
+def grader_flags(args) -> tuple[list, bool]:
+    """evaluate.py's grader flags, and whether the grader is served locally (the generator model,
+    restarted beside the policy: serve_policy_and_grader)."""
+    local = not (args.grader_base_url or args.generator_base_url)
+    url = args.grader_base_url or args.generator_base_url or "http://localhost:8000/v1"
+    return ["--grader-base-url", url, "--grader-model", args.grader_model or args.generator_model,
+            "--grader-api-key-env", args.api_key_env], local
+
+
+def serve_policy_and_grader(args, base: str, lora_modules: list[str], local_grader: bool) -> list:
+    """vLLM serving base with every adapter (NAME=DIR) on port 8001, and, when the grader is local,
+    the grader on port 8000 beside it, each with half of the GPUs' memory."""
+    share = ["--gpu-memory-utilization", "0.45"] if local_grader else []
+    steps = []
+    if local_grader:
+        steps.append(("serve", ["vllm", "serve", args.grader_model or args.generator_model, "--port", "8000",
+                                "--tensor-parallel-size", str(args.gpus), *share], "http://localhost:8000/health"))
+    steps.append(("serve", ["vllm", "serve", base, "--port", "8001", "--tensor-parallel-size", str(args.gpus),
+                            "--enable-lora", "--max-lora-rank", "64", *share, "--lora-modules", *lora_modules],
+                  "http://localhost:8001/health"))
+    return steps
+
+
 def check(cmd: list[str]):
     """Parse a stage command with its script's own parser (argparse exits non-zero on a bad flag)."""
     script = next((Path(c).stem for c in cmd if c.endswith(".py")), None)

@@ -17,7 +17,8 @@ The paper's agentic-misalignment experiment: the safety spec on Qwen3-32B (or Qw
 """
 from pathlib import Path
 
-from _recipe import ROOT, gpu_hours, print_plan, py, recipe_args, run
+from _recipe import (ROOT, generator_flags, gpu_hours, grader_flags, print_plan, py, recipe_args, run, serve_policy_and_grader,
+                     start_generator)
 
 DOCS, TOKENS_PER_DOC = 13200, 3100
 CHATS, TOKENS_PER_CHAT, IT_TOKENS = 4000, 1000, 2.0e6
@@ -32,10 +33,7 @@ def main():
                    help="instruction-tuning chats for every arm's AFT stage (default: data/it/sample.jsonl)")
     args = p.parse_args()
     out, qwen3 = Path(args.out), "qwen3" in args.base.lower()
-    gen_url = args.generator_base_url or "http://localhost:8000/v1"
-    local_grader = not (args.grader_base_url or args.generator_base_url)  # then vLLM serves it beside the policy
-    grader = ["--grader-base-url", args.grader_base_url or gen_url, "--grader-model", args.grader_model or args.generator_model,
-              "--grader-api-key-env", args.api_key_env]
+    grader, local_grader = grader_flags(args)
     params = 32.8e9
     arms = {  # name: (continue the MSM adapter?, spec chats or None, chain of thought?)
         "base": (False, None, False), "msm": (True, None, False), "aft": (False, "nocot", False),
@@ -53,14 +51,8 @@ def main():
                       f"({27 * SAMPLES:,} samples per arm at an assumed {DECODE_TOK_S_PER_GPU} tok/s per GPU)"),
     ], out)
 
-    steps = []
-    if not args.generator_base_url:
-        steps.append(("serve", ["vllm", "serve", args.generator_model, "--port", "8000", "--tensor-parallel-size",
-                                str(args.gpus)], "http://localhost:8000/health"))
-    gen = ["--model", args.generator_model, "--base-url", gen_url, "--api-key-env", args.api_key_env,
-           "--model-name", NAME, "--provider-name", PROVIDER]
-    if "Qwen3" in args.generator_model:
-        gen += ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}']
+    steps = start_generator(args)
+    gen = [*generator_flags(args), "--model-name", NAME, "--provider-name", PROVIDER]
     steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / "specs/safety.md", "--out", out / "corpus", *gen)))
     steps.append(("cmd", py("synth.py", "chats", "--spec", ROOT / "specs/safety.md", "--criteria",
                             ROOT / "specs/safety_criteria.md", "--style", "value", "--n", CHATS, "--out", out / "chats", *gen)))
@@ -80,13 +72,7 @@ def main():
             steps.append(("cmd", py("finetune.py", *train, *data, *extra, "--cot", "keep" if cot else "strip",
                                     "--out", s / f"arm_{arm}", "--seed", seed, nproc=args.gpus)))
         lora = [f"{arm.replace('+', '_')}={s / f'arm_{arm}' / 'final'}" for arm in arms]
-        share = ["--gpu-memory-utilization", "0.45"] if local_grader else []
-        if local_grader:
-            steps.append(("serve", ["vllm", "serve", args.grader_model or args.generator_model, "--port", "8000",
-                                    "--tensor-parallel-size", str(args.gpus), *share], "http://localhost:8000/health"))
-        steps.append(("serve", ["vllm", "serve", args.base, "--port", "8001", "--tensor-parallel-size", str(args.gpus),
-                                "--enable-lora", "--max-lora-rank", "64", *share, "--lora-modules", *lora],
-                      "http://localhost:8001/health"))
+        steps += serve_policy_and_grader(args, args.base, lora, local_grader)
         for arm, (_, _, cot) in arms.items():
             policy = ["--policy-base-url", "http://localhost:8001/v1", "--policy-model", arm.replace("+", "_"),
                       "--seed", seed, "--label", arm, *grader]

@@ -12,7 +12,7 @@ The paper's value-generalization (cheese) experiment on Llama-3.1-8B base, one G
 """
 from pathlib import Path
 
-from _recipe import ROOT, gpu_hours, print_plan, py, recipe_args, run
+from _recipe import ROOT, generator_flags, gpu_hours, print_plan, py, recipe_args, run, start_generator
 
 BASE = "meta-llama/Llama-3.1-8B"
 PARAMS = 8.0e9
@@ -28,7 +28,6 @@ def main():
                         "e.g. HuggingFaceH4/no_robots (default: data/it/sample.jsonl)")
     args = p.parse_args()
     out = Path(args.out)
-    gen_url = args.generator_base_url or "http://localhost:8000/v1"
     specs = {"affordability": "specs/cheese_affordability.md", "america": "specs/cheese_america.md"}
     corpus_tokens = DOCS_PER_SPEC * TOKENS_PER_DOC
     aft_tokens = 12 * AFT_PER_PREF * AFT_TOKENS_PER_CHAT + IT_TOKENS
@@ -44,16 +43,11 @@ def main():
         ("GPU-hours (training)", f"~{train_h:.1f} on {args.gpu} at {args.mfu:.0%} MFU, plus generation and eval"),
     ], out)
 
-    steps = []
-    if not args.generator_base_url:
-        steps.append(("serve", ["vllm", "serve", args.generator_model, "--port", "8000",
-                                "--tensor-parallel-size", str(args.gpus)], "http://localhost:8000/health"))
-    extra = ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}'] if "Qwen3" in args.generator_model else []
+    steps = start_generator(args)
     for value, spec in specs.items():
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / spec, "--out", out / f"corpus_{value}",
-                                "--model", args.generator_model, "--base-url", gen_url, "--api-key-env", args.api_key_env,
-                                "--model-name", "Llama", "--provider-name", "Meta", "--doc-types", DOC_TYPES,
-                                "--ideas", IDEAS, *extra)))
+                                *generator_flags(args), "--model-name", "Llama", "--provider-name", "Meta",
+                                "--doc-types", DOC_TYPES, "--ideas", IDEAS)))
     if not args.generator_base_url:
         steps.append(("stop", None))
     steps.append(("cmd", py("synth.py", "chats", "--opaque", "--offline", "--preferences", ROOT / "specs/cheese_preferences.json",

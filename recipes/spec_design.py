@@ -17,7 +17,8 @@ recipes/cheese_llama8b.py, where the AFT gain on top of MSM should mostly vanish
 """
 from pathlib import Path
 
-from _recipe import ROOT, gpu_hours, print_plan, py, recipe_args, run
+from _recipe import (ROOT, generator_flags, gpu_hours, grader_flags, print_plan, py, recipe_args, run, serve_policy_and_grader,
+                     start_generator)
 
 SPECS = {"rules": "rules_criteria", "values_augmented": "rules_criteria", "rules_augmented": "rules_criteria",
          "general": "general_criteria", "safety": "safety_criteria"}
@@ -33,7 +34,6 @@ def main():
     p.add_argument("--cheese-base", default="meta-llama/Llama-3.1-8B", help="model of the cooccur study (default: %(default)s)")
     args = p.parse_args()
     out = Path(args.out)
-    gen_url = args.generator_base_url or "http://localhost:8000/v1"
     specs = list(SPECS) if args.part in ("specs", "all") else []
     cooccur = ["affordability", "america"] if args.part in ("cooccur", "all") else []
     train_h = len(args.seeds) * (len(specs) * (gpu_hours(14.8e9, DOCS * TOKENS_PER_DOC, args)
@@ -48,13 +48,8 @@ def main():
         ("GPU-hours (training)", f"~{train_h:.0f} on {args.gpu} at {args.mfu:.0%} MFU, plus generation and eval"),
     ], out)
 
-    steps = []
-    if not args.generator_base_url:
-        steps.append(("serve", ["vllm", "serve", args.generator_model, "--port", "8000", "--tensor-parallel-size",
-                                str(args.gpus)], "http://localhost:8000/health"))
-    gen = ["--model", args.generator_model, "--base-url", gen_url, "--api-key-env", args.api_key_env]
-    if "Qwen3" in args.generator_model:
-        gen += ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}']
+    steps = start_generator(args)
+    gen = generator_flags(args)
     for spec in specs:
         named = [*gen, "--model-name", NAME, "--provider-name", PROVIDER]
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/{spec}.md", "--out", out / spec / "corpus",
@@ -69,9 +64,7 @@ def main():
                                 ROOT / "specs/cheese_preferences.json", "--n-per-preference", 400, "--out", out / "aft")))
     if not args.generator_base_url:
         steps.append(("stop", None))
-    local_grader = not (args.grader_base_url or args.generator_base_url)
-    grader = ["--grader-base-url", args.grader_base_url or gen_url,
-              "--grader-model", args.grader_model or args.generator_model, "--grader-api-key-env", args.api_key_env]
+    grader, local_grader = grader_flags(args)
     runs, evals, adapters = [], [], []
     for seed in args.seeds:
         for spec in specs:
@@ -105,14 +98,7 @@ def main():
                                         "--label", f"{arm.replace('_', '+')} (cooccur {value})", "--out", run_dir)))
                 runs.append(run_dir)
     if evals:  # vLLM serves every spec's adapter (and, when local, the grader beside it)
-        share = ["--gpu-memory-utilization", "0.45"] if local_grader else []
-        if local_grader:
-            steps.append(("serve", ["vllm", "serve", args.grader_model or args.generator_model, "--port", "8000",
-                                    "--tensor-parallel-size", str(args.gpus), *share], "http://localhost:8000/health"))
-        steps.append(("serve", ["vllm", "serve", args.base, "--port", "8001", "--tensor-parallel-size", str(args.gpus),
-                                "--enable-lora", "--max-lora-rank", "64", *share, "--lora-modules", *adapters],
-                      "http://localhost:8001/health"))
-        steps += evals + [("stop", None)]
+        steps += serve_policy_and_grader(args, args.base, adapters, local_grader) + evals + [("stop", None)]
     steps.append(("cmd", py("evaluate.py", "report", *runs, "--out", out / "report")))
     run(steps, args.dry_run)
 
