@@ -49,7 +49,8 @@ import torch
 from tqdm import tqdm
 
 import synth  # the one OpenAI-compatible client engine of the project (policy and grader calls)
-from midtrain import InputError, read_records
+from midtrain import InputError, atomic_write, read_records
+from synth import write_jsonl
 
 ROOT = Path(__file__).resolve().parent
 AGENTIC_DIR = ROOT / "data" / "agentic"
@@ -135,18 +136,8 @@ def read_jsonl_file(path, required: tuple, what: str) -> list[dict]:
     return out
 
 
-def write_jsonl(path: Path, rows: list[dict]):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
 def write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def json_arg(text: str | None, flag: str) -> dict:

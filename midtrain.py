@@ -507,7 +507,7 @@ def merge_export(args, out: Path):
 
 def atomic_write(path: Path, text: str):
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
