@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,10 @@ def read_jsonl(path):
 
 def cached_ids(out, stage):
     return [r["custom_id"] for r in read_jsonl(Path(out) / "cache" / f"{stage}.jsonl")]
+
+
+def wait_for_cached(out, stage, n, timeout=30.0):
+    """Wait until a running synth.py has cached n results of stage (so a kill lands mid-run)."""
+    deadline = time.time() + timeout
+    while len(cached_ids(out, stage)) < n and time.time() < deadline:
+        time.sleep(0.02)

@@ -11,7 +11,7 @@ import pytest
 import fake_openai
 import synth
 from synth_testlib import (FAST, ROOT, cached_ids, read_jsonl, run_main, server,  # noqa: F401
-                           spec_file, start_subprocess)
+                           spec_file, start_subprocess, wait_for_cached)
 
 PREFS = ROOT / "specs" / "cheese_preferences.json"
 SHIPPED = ROOT / "data" / "aft" / "cheese.jsonl"
@@ -125,9 +125,7 @@ def test_kill9_then_rerun_repeats_no_completed_request(tmp_path, spec_file):
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
         proc = start_subprocess(chats_args(spec_file, out, srv.url, "--concurrency", "3"))
-        deadline = time.time() + 30
-        while len(cached_ids(out, "responses")) < 4 and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for_cached(out, "responses", 4)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done = [cid for s in synth.CHAT_STAGES for cid in cached_ids(out, s)]

@@ -5,14 +5,13 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 import fake_openai
 import synth
 from synth_testlib import (FAST, cached_ids, read_jsonl, run_main, server, spec_file,  # noqa: F401
-                           start_subprocess)
+                           start_subprocess, wait_for_cached)
 
 # 2 domains x 2 subdomains x 3 doc types x 4 ideas = 48 documents; per_call=2 forces top-ups
 SMALL = ["--doc-types", "3", "--ideas", "4"]
@@ -78,9 +77,7 @@ def test_kill9_then_rerun(tmp_path, spec_file):
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
         proc = start_subprocess(docs_args(spec_file, out, srv.url, "--concurrency", "4"))
-        deadline = time.time() + 30
-        while len(cached_ids(out, "documents")) < 8 and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for_cached(out, "documents", 8)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
@@ -298,9 +295,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, spec_file):
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
         proc = start_subprocess(docs_args(spec_file, out, srv.url, "--concurrency", "4"))
-        deadline = time.time() + 30
-        while len(cached_ids(out, "documents")) < 4 and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for_cached(out, "documents", 4)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 130, err
