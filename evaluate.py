@@ -28,7 +28,7 @@ Examples (full guide: docs/evaluate.md):
   python evaluate.py report runs/eval/aff_* runs/eval/am_* --out runs/report --paper cheese
 
 Resume: rerun the same command. Generations are cached in OUT/cache/policy.jsonl and grades in
-OUT/cache/grader.jsonl under deterministic request ids (synth.py's engine), so only missing work is
+OUT/cache/grader.jsonl under deterministic request ids (llm.py), so only missing work is
 done; samples.jsonl and summary.json are rebuilt from the caches on every run.
 """
 import argparse
@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import synth  # the one OpenAI-compatible client engine of the project (policy and grader calls)
+import llm  # the one OpenAI-compatible client engine of the project (policy and grader calls)
 from midtrain import InputError, atomic_write, read_records
-from synth import write_jsonl
+from llm import write_jsonl
 
 ROOT = Path(__file__).resolve().parent
 AGENTIC_DIR = ROOT / "data" / "agentic"
@@ -513,7 +513,7 @@ def summarize_values(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Policy and grader calls: local generation or synth's engine, both cached by request id
+# Policy and grader calls: local generation or llm.py's engine, both cached by request id
 # ---------------------------------------------------------------------------------------------
 def open_policy(args) -> dict:
     """The model under test: {kind, id (the model string in request ids), info, net/tok or endpoint}."""
@@ -522,7 +522,7 @@ def open_policy(args) -> dict:
             raise InputError("--policy-base-url needs --policy-model (the served model or LoRA name)")
         if args.model or args.adapter:
             raise InputError("give either --model/--adapter (a local model) or --policy-base-url, not both")
-        ep = synth.open_endpoint(args.policy_base_url, args.policy_model, api_key_env=args.policy_api_key_env,
+        ep = llm.open_endpoint(args.policy_base_url, args.policy_model, api_key_env=args.policy_api_key_env,
                                  timeout=args.timeout, check_model=not args.no_model_check)
         return {"kind": "endpoint", "endpoint": ep, "id": args.policy_model,
                 "info": {"kind": "endpoint", "base_url": args.policy_base_url, "model": args.policy_model}}
@@ -537,7 +537,7 @@ def open_policy(args) -> dict:
 
 
 def failure_reasons(path: Path) -> dict:
-    """custom_id -> reason of its latest failure in a synth failed-requests file."""
+    """custom_id -> reason of its latest failure in an llm.run_requests failed-requests file."""
     out = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -560,7 +560,7 @@ def sampling_for(args, suite: str, key: str, endpoint: bool) -> dict:
 
 
 def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict], cache: Path, desc: str) -> dict:
-    results = {cid: recs[0] for cid, recs in synth.load_cache(cache).items()}
+    results = {cid: recs[0] for cid, recs in llm.load_cache(cache).items()}
     pending, seen = [], set()
     for it, req in zip(items, reqs):
         if req["custom_id"] not in results and req["custom_id"] not in seen:
@@ -570,7 +570,7 @@ def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict
         return results
     s = pending[0][0]["sampling"]  # one temperature and budget per run
     prompts = [render(policy["tok"], it["prompt"], args.template_kwargs) for it, _ in pending]
-    with synth.open_append(cache) as f:
+    with llm.open_append(cache) as f:
         def on_batch(idx, res):
             for i in idx:
                 rec = {"custom_id": pending[i][1]["custom_id"], "model": policy["id"], "reasoning": None, **res[i]}
@@ -584,11 +584,11 @@ def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict
 
 def generate(args, policy: dict, items: list[dict], desc: str):
     """Fill response / reasoning / finish_reason / seed / error into each item (cached by request id)."""
-    reqs = [synth.make_request("policy", policy["id"], it["prompt"], it["sampling"], it["index"]) for it in items]
+    reqs = [llm.make_request("policy", policy["id"], it["prompt"], it["sampling"], it["index"]) for it in items]
     cache = Path(args.out) / "cache" / "policy.jsonl"
     failed = cache.parent / "policy_failed.jsonl"
     if policy["kind"] == "endpoint":
-        results = synth.run_requests(policy["endpoint"], reqs, cache, desc, concurrency=args.concurrency,
+        results = llm.run_requests(policy["endpoint"], reqs, cache, desc, concurrency=args.concurrency,
                                      max_retries=args.max_retries, failed_path=failed)
     else:
         results = generate_local_cached(args, policy, items, reqs, cache, desc)
@@ -607,7 +607,7 @@ def generate(args, policy: dict, items: list[dict], desc: str):
 def open_grader(args):
     if not args.grader_model:
         return None
-    return synth.open_endpoint(args.grader_base_url, args.grader_model, api_key_env=args.grader_api_key_env,
+    return llm.open_endpoint(args.grader_base_url, args.grader_model, api_key_env=args.grader_api_key_env,
                                timeout=args.timeout, check_model=not args.no_model_check)
 
 
@@ -615,7 +615,7 @@ def grade(args, grader, jobs: list[tuple], parse, desc: str) -> dict:
     """jobs = [(key, messages)] -> {key: {grader, raw, value, error}}. A reply that parse() rejects
     (ValueError) is asked again up to --grader-retries times, then reported as a grading failure."""
     sampling = {"temperature": args.grader_temperature, args.token_field: args.grader_max_tokens, **args.grader_extra}
-    reqs = {key: synth.make_request("grade", args.grader_model, msgs, sampling) for key, msgs in jobs}
+    reqs = {key: llm.make_request("grade", args.grader_model, msgs, sampling) for key, msgs in jobs}
 
     def validate(result):
         if result.get("finish_reason") == "length":
@@ -623,7 +623,7 @@ def grade(args, grader, jobs: list[tuple], parse, desc: str) -> dict:
         return parse(result["content"])
     cache = Path(args.out) / "cache" / "grader.jsonl"
     failed = cache.parent / "grader_failed.jsonl"
-    results = synth.run_requests(grader, list(reqs.values()), cache, desc, validate=validate,
+    results = llm.run_requests(grader, list(reqs.values()), cache, desc, validate=validate,
                                  concurrency=args.concurrency, max_retries=args.grader_retries, failed_path=failed)
     reasons = failure_reasons(failed)
     out = {}
@@ -688,12 +688,12 @@ def values_logprob(args, policy: dict, pairs: list[dict]) -> list[dict]:
     answer = "letter" if args.scorer == "logprob" else "option"
     net, tok = policy["net"], policy["tok"]
     msgs = {p["id"]: [choice_messages(p, s, args.system, answer) for s in (False, True)] for p in pairs}
-    key = {p["id"]: synth.make_request(args.scorer, policy["id"], msgs[p["id"]], {})["custom_id"] for p in pairs}
+    key = {p["id"]: llm.make_request(args.scorer, policy["id"], msgs[p["id"]], {})["custom_id"] for p in pairs}
     cache = Path(args.out) / "cache" / f"{args.scorer}.jsonl"
-    done = {cid: recs[-1] for cid, recs in synth.load_cache(cache).items()}
+    done = {cid: recs[-1] for cid, recs in llm.load_cache(cache).items()}
     todo = [p for p in pairs if key[p["id"]] not in done]
     chunk = 128  # pairs per cache flush: a killed run loses at most one chunk
-    with synth.open_append(cache) as f, tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="score pairs",
+    with llm.open_append(cache) as f, tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="score pairs",
                                        unit="pair", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
@@ -1404,14 +1404,9 @@ def add_common(p: argparse.ArgumentParser):
       "(default: the tokenizer's; a plain User:/Assistant: format if it has none)")
     a("--chat-template-kwargs", default=None, help="JSON passed to apply_chat_template, e.g. "
       "'{\"enable_thinking\": false}' for Qwen3 (default: none)")
-    a("--policy-base-url", default=None, help="OpenAI-compatible base URL of the model under test, e.g. "
-      "http://localhost:8000/v1 for vLLM (default: none = local --model)")
-    a("--policy-model", default=None, help="model name at --policy-base-url; with vLLM --lora-modules NAME=DIR "
-      "this is NAME (default: none)")
-    a("--policy-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the policy "
-      "endpoint's API key; 'EMPTY' is sent when unset (default: OPENAI_API_KEY)")
-    a("--policy-extra-body", default=None, help="JSON merged into every policy request body, e.g. "
-      "'{\"chat_template_kwargs\": {\"enable_thinking\": false}}' (default: none)")
+    llm.add_endpoint_args(g, "policy-", "the model under test", model_help="model name at --policy-base-url "
+                          "(e.g. http://localhost:8000/v1 for vLLM); with vLLM --lora-modules NAME=DIR this is "
+                          "NAME (default: none = evaluate the local --model)")
     g = p.add_argument_group("sampling")
     a = g.add_argument
     a("--samples", type=int, default=None, help="samples per prompt (default: agentic 300 as in the paper, "
@@ -1422,30 +1417,17 @@ def add_common(p: argparse.ArgumentParser):
       "values generate 128)")
     g = p.add_argument_group("grader: any OpenAI-compatible endpoint")
     a = g.add_argument
-    a("--grader-model", default=None, help="grader model name (default: none; required by openqa, optional "
-      "for agentic (then only the tool-call check) and values generate (then unparsed replies fail))")
-    a("--grader-base-url", default="https://api.openai.com/v1", help="grader endpoint (default: "
-      "https://api.openai.com/v1)")
-    a("--grader-api-key-env", default="OPENAI_API_KEY", help="environment variable with the grader's API key "
-      "(default: OPENAI_API_KEY)")
+    llm.add_endpoint_args(g, "grader-", "the grader", "https://api.openai.com/v1", model_help="grader model "
+                          "name (default: none; required by openqa, optional for agentic (then only the tool-call "
+                          "check) and values generate (then unparsed replies fail))")
     a("--grader-temperature", type=float, default=0.0, help="grader temperature; at 0 a retried "
       "unparseable reply usually comes back the same (default: 0.0)")
     a("--grader-max-tokens", type=int, default=2048, help="grader reply budget; a cut reply is retried "
       "(default: 2048)")
     a("--grader-retries", type=int, default=3, help="times an unparseable grader reply is asked again before "
       "it counts as a grading failure (default: 3)")
-    a("--grader-extra-body", default=None, help="JSON merged into every grader request body (default: none)")
-    g = p.add_argument_group("endpoint calls (synth.py's engine)")
-    a = g.add_argument
-    a("--concurrency", type=int, default=64, help="requests in flight per endpoint (default: 64)")
-    a("--max-retries", type=int, default=5, help="retries of a failed policy request (HTTP 429/5xx, "
-      "timeouts) before it is reported (default: 5)")
-    a("--timeout", type=float, default=600.0, help="seconds per request (default: 600)")
-    a("--token-field", default="max_tokens", choices=["max_tokens", "max_completion_tokens"],
-      help="request field for the token budget; newer OpenAI models want max_completion_tokens "
-      "(default: max_tokens)")
-    a("--no-model-check", action="store_true", help="do not check the model names against the endpoints' "
-      "/models lists, for servers that load models on demand (default: check)")
+    llm.add_client_args(p.add_argument_group("endpoint calls (llm.py)"),
+                    retries_note="; policy requests only, the grader has --grader-retries")
 
 
 def parse_args(argv=None):

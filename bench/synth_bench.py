@@ -1,11 +1,11 @@
 """
-Throughput of synth.py's request engine against a local server with a fixed latency and capacity.
+Throughput of the request engine (llm.py) against a local server of fixed latency and capacity.
 
   python bench/synth_bench.py                                  # concurrency 64 and 256
   python bench/synth_bench.py --concurrency 512 --capacity 512 --latency 2
 
 For each concurrency it starts tests/fake_openai.py in its own process (so the server's CPU is
-not counted as the client's), sends waves x concurrency requests through synth.run_requests
+not counted as the client's), sends waves x concurrency requests through llm.run_requests
 (request ids, cache file, progress bar and all), and prints:
 
   achieved requests/s, the bound min(concurrency, capacity) / latency, efficiency = achieved /
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import synth  # noqa: E402
+import llm  # noqa: E402
 
 
 def bench(concurrency, args):
@@ -35,16 +35,16 @@ def bench(concurrency, args):
         stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
-        ep = synth.open_endpoint(url, "bench-model", timeout=60)
-        synth.probe_endpoint(ep)
+        ep = llm.open_endpoint(url, "bench-model", timeout=60)
+        llm.probe_endpoint(ep)
         filler = "x" * args.prompt_chars
         n = args.waves * concurrency
-        reqs = [synth.make_request("bench", "bench-model",
+        reqs = [llm.make_request("bench", "bench-model",
                                    [{"role": "user", "content": f"{i} {filler}"}],
                                    {"temperature": 1.0, "max_tokens": 1024}) for i in range(n)]
         with tempfile.TemporaryDirectory() as tmp:
             t0, c0 = time.perf_counter(), time.process_time()
-            results = synth.run_requests(ep, reqs, Path(tmp) / "cache.jsonl", f"c={concurrency}",
+            results = llm.run_requests(ep, reqs, Path(tmp) / "cache.jsonl", f"c={concurrency}",
                                          concurrency=concurrency)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:

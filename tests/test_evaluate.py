@@ -1,5 +1,5 @@
 """evaluate.py: scorers, scenarios, graders, resume, regrade and report, on the tiny model and a local
-scripted OpenAI-compatible server (tests/fake_openai.py, spoken to by synth's engine)."""
+scripted OpenAI-compatible server (tests/fake_openai.py, spoken to by llm.py's engine)."""
 import json
 import re
 

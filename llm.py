@@ -1,0 +1,531 @@
+"""
+llm.py: the project's one client for OpenAI-compatible endpoints (vLLM, SGLang, `transformers
+serve`, hosted APIs). synth.py generates its data through it and evaluate.py its policy and grader
+calls; neither talks HTTP itself.
+
+The idea in four lines: every request is a line of the OpenAI Batch API format with a
+deterministic id (a hash of stage, model, messages and sampling); every reply that passes the
+caller's check is appended to a JSONL cache the moment it arrives; before sending, ids already in
+the cache are skipped. So a crash, a kill -9 or Ctrl-C loses only the requests in flight, and
+rerunning the same command resumes.
+
+  make_request(stage, model, messages, sampling, index=0) -> dict
+      One OpenAI batch line {custom_id, method, url, body}. custom_id is "<stage>-<24 hex>", a
+      hash of (stage, model, messages, sampling, index): the same inputs give the same id, so a
+      rerun finds its results. sampling is merged into the body (temperature, max_tokens, and any
+      server option such as chat_template_kwargs); use index to draw several samples of one prompt.
+
+  open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
+                retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None) -> dict
+      Endpoint settings (never the key itself: it is read from the environment variable when a
+      client is made; "EMPTY" when unset, which local servers accept). Nothing is sent here;
+      run_requests probes GET /models once, the first time it has something to send, and exits
+      with a one-line error for an unreachable endpoint, a 401 (naming the variable, never the
+      key) or a model the endpoint does not list. Call probe_endpoint(ep) to fail earlier.
+      ep["stats"] counts calls, retries, failures and tokens for the final summary.
+      With batch_file set, run_requests writes pending requests there instead of calling.
+
+  run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
+               max_retries=5, failed_path=None) -> dict[custom_id, result]
+      Sends every request whose id is not already in cache_path, concurrency at a time, and
+      returns {custom_id: result} for every request that succeeded (cached ones without a call).
+      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, where
+      value = validate(result) (default: the content). validate raises ValueError for a bad
+      reply; the request is then asked again with the same body (a new sample when temperature
+      > 0; at temperature 0 it will fail the same way). HTTP 408/409/429/5xx, timeouts and
+      connection errors are retried with exponential backoff and jitter, honouring Retry-After.
+      After max_retries retries a request is appended to failed_path with its reason and left
+      out of the result; it is asked again on the next run. Valid results are appended to
+      cache_path and flushed as they arrive, so a crash or kill -9 loses only requests in flight.
+      Ctrl-C cancels cleanly (KeyboardInterrupt reaches the caller after the cache is flushed).
+
+  ingest_batch_results(paths, cache_dir) -> Counter
+      Appends the lines of OpenAI Batch API / vllm run-batch output files to
+      cache_dir/<stage>.jsonl (stage read from the custom_id), for run_requests to find.
+
+  Reply helpers (each raises ValueError, which makes run_requests ask again): check_finished,
+  parse_json, json_list, named_list. Files: load_cache, open_append, write_jsonl.
+  Flags: add_endpoint_args(parser, prefix) and add_client_args(parser), so every script that
+  calls an endpoint spells its flags the same way.
+
+Reading order below: request ids -> endpoint and probe -> one attempt (send, classify, back off)
+-> the async pool -> cache and run_requests -> batch files -> reply parsing -> flags.
+"""
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx2  # the HTTP library under the pinned openai SDK (3.x)
+import openai
+from tqdm import tqdm
+
+
+def die(msg, code=2):
+    """The project's error style: a one-line message naming the input, then exit 2."""
+    print(msg, file=sys.stderr)
+    raise SystemExit(code)
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data if isinstance(data, bytes) else data.encode("utf-8")).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Request ids, endpoints and the probe
+
+def make_request(stage, model, messages, sampling, index=0):
+    """OpenAI batch line with a deterministic custom_id (see the module notes)."""
+    assert re.fullmatch(r"[a-z0-9_]+", stage), f"stage names are [a-z0-9_]: {stage!r}"
+    key = json.dumps([stage, model, messages, sampling, index], sort_keys=True, ensure_ascii=False)
+    return {"custom_id": f"{stage}-{sha256_hex(key)[:24]}", "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": messages, **sampling}}
+
+
+def open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
+                  retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None):
+    """Endpoint settings for run_requests (see the module notes)."""
+    return {"base_url": base_url, "model": model, "api_key_env": api_key_env,
+            "timeout": float(timeout), "check_model": check_model,
+            "retry_base_delay": retry_base_delay, "retry_max_delay": retry_max_delay,
+            "batch_file": batch_file, "probed": False, "stats": Counter()}
+
+
+def _api_key(endpoint):
+    return os.environ.get(endpoint["api_key_env"]) or "EMPTY"
+
+
+def probe_endpoint(endpoint):
+    """GET /models once; exit with a one-line error if the endpoint cannot serve the model."""
+    url, env = endpoint["base_url"], endpoint["api_key_env"]
+    client = openai.OpenAI(base_url=url, api_key=_api_key(endpoint), max_retries=0,
+                           timeout=min(endpoint["timeout"], 30.0))
+    models = None
+    try:
+        models = [m.id for m in client.models.list()]
+    except openai.AuthenticationError:
+        unset = "" if os.environ.get(env) else f" ({env} is not set)"
+        die(f"error: {url} rejected the API key (HTTP 401); put a valid key in the environment "
+            f"variable {env}{unset}, or name another variable with --api-key-env", 2)
+    except openai.APIConnectionError as exc:
+        die(f"error: cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
+            f"running, and does --base-url end in /v1?", 2)
+    except openai.NotFoundError:
+        print(f"warning: {url} has no /models route; not checking the model name", file=sys.stderr)
+    except openai.APIStatusError as exc:
+        die(f"error: {url}/models answered HTTP {exc.status_code}", 2)
+    finally:
+        client.close()
+    if endpoint["check_model"] and models is not None and endpoint["model"] not in models:
+        shown = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "")
+        die(f"error: model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
+            f" fix --model, or pass --no-model-check for a server that loads models on demand", 2)
+    endpoint["probed"] = True
+
+
+def _retry_after(headers):
+    """Seconds from retry-after-ms / retry-after (seconds or an HTTP date), or None."""
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return float(value)
+            except ValueError:
+                from email.utils import parsedate_to_datetime
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _classify(exc):
+    """-> (retryable, reason, retry_after seconds or None) for an exception from one attempt."""
+    if isinstance(exc, ValueError):
+        return True, f"invalid reply: {exc}", None
+    if isinstance(exc, openai.APITimeoutError):
+        return True, "timeout", None
+    if isinstance(exc, openai.APIConnectionError):
+        return True, f"connection error ({type(exc).__name__})", None
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        if code in (408, 409, 429) or code >= 500:
+            return True, f"HTTP {code}", _retry_after(exc.response.headers)
+        # The body of a 401/403 may echo part of the key: never repeat it.
+        message = re.sub(r"^Error code: \d+ - ", "", str(exc.message))
+        detail = "" if code in (401, 403) else f": {message[:200]}"
+        return False, f"HTTP {code}{detail}", None
+    if isinstance(exc, openai.APIResponseValidationError):
+        return True, "malformed response", None
+    return False, f"{type(exc).__name__}: {exc}", None
+
+
+# Connections per client. httpx2's pool scans all its connections twice per request
+# (_assign_requests_to_connections, linear per pass since pydantic/httpx2#974 and #1075), so one
+# pool of 256 connections cost 2.06 ms of client CPU per request and reached 88.7% of the bound in
+# bench/synth_bench.py; workers spread over clients of 32 connections: 1.37 ms and 96.6%.
+POOL_SIZE = 32
+# Worker i sends its first request after i * RAMP seconds (0.5 s for 256 workers). Starting all
+# at once opens every connection and sends every prompt in one burst; against a server with a
+# steady latency the replies then come back in the same burst, wave after wave, each one queueing
+# behind the client's CPU. The ramp spreads them (bench at 256: 94.4% -> 96.6% of the bound).
+RAMP = 0.002
+
+
+def _async_client(endpoint, connections, ssl_context):
+    limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+    http = openai.DefaultAsyncHttpxClient(limits=limits, timeout=endpoint["timeout"],
+                                          verify=ssl_context)
+    return openai.AsyncOpenAI(base_url=endpoint["base_url"], api_key=_api_key(endpoint),
+                              max_retries=0, timeout=endpoint["timeout"], http_client=http)
+
+
+async def _send(client, endpoint, req):
+    """One HTTP call -> result dict (content, finish_reason, usage, ...)."""
+    stats = endpoint["stats"]
+    stats["calls"] += 1
+    # client.post is the SDK's documented way to send a raw body: it skips the typed-parameter
+    # transform and the pydantic parse of chat.completions.create(), which at 256 concurrent
+    # requests cost 2.01 instead of 1.37 ms of client CPU per request (bench/synth_bench.py).
+    # Status errors, auth and timeouts are still the SDK's own.
+    resp = await client.post("/chat/completions", body=req["body"], cast_to=httpx2.Response,
+                             options={"headers": {"X-Client-Request-Id": req["custom_id"]},
+                                      "timeout": endpoint["timeout"]})
+    try:
+        data = json.loads(resp.content)
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise openai.APIResponseValidationError(resp, None, message=f"malformed reply: {exc}") from exc
+    usage = data.get("usage") or {}
+    stats["tokens_in"] += usage.get("prompt_tokens") or 0
+    stats["tokens_out"] += usage.get("completion_tokens") or 0
+    return {"custom_id": req["custom_id"], "content": message.get("content") or "",
+            "finish_reason": choice.get("finish_reason"), "model": data.get("model"),
+            "usage": {"prompt_tokens": usage.get("prompt_tokens"),
+                      "completion_tokens": usage.get("completion_tokens")},
+            # vLLM's reasoning parsers put the thinking here instead of in the content
+            "reasoning": message.get("reasoning_content") or message.get("reasoning")}
+
+
+def _validated(result, validate):
+    try:
+        return validate(result)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from exc
+
+
+async def _attempts(client, endpoint, req, validate, max_retries):
+    """Try one request up to max_retries + 1 times -> (result, None) or (None, failure)."""
+    stats = endpoint["stats"]
+    for attempt in range(max_retries + 1):
+        try:
+            result = await _send(client, endpoint, req)
+            result["value"] = _validated(result, validate)
+            return result, None
+        except Exception as exc:  # noqa: BLE001 - every error is classified; none stops the run
+            retryable, reason, retry_after = _classify(exc)
+        stats["invalid" if reason.startswith("invalid") else "errors"] += 1
+        if not retryable or attempt == max_retries:
+            return None, {"reason": reason, "attempts": attempt + 1}
+        stats["retries"] += 1
+        if retry_after is not None:
+            delay = min(retry_after, 600.0)
+        elif reason.startswith("invalid"):
+            delay = 0.0  # the server is fine; just draw another sample
+        else:
+            delay = min(endpoint["retry_max_delay"], endpoint["retry_base_delay"] * 2 ** attempt)
+            delay *= random.uniform(0.5, 1.0)  # jitter: spread retries of a burst of failures
+        await asyncio.sleep(delay)
+
+
+async def _engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail):
+    n_workers = min(concurrency, len(pending))
+    ssl_context = httpx2.create_ssl_context()  # shared: loading the CA bundle costs ~25 ms each
+    clients = [_async_client(endpoint, POOL_SIZE, ssl_context)
+               for _ in range(math.ceil(n_workers / POOL_SIZE))]
+    queue = iter(pending)  # shared by the workers; next() never awaits, so no lock is needed
+
+    async def worker(i, client):
+        await asyncio.sleep(i * RAMP)
+        for req in queue:
+            result, failure = await _attempts(client, endpoint, req, validate, max_retries)
+            if failure is None:
+                on_done(req, result)
+            else:
+                on_fail(req, failure)
+    try:
+        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(n_workers)))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def load_cache(path):
+    """custom_id -> list of cached records, in file order. A torn last line (kill -9) is skipped."""
+    cached = {}
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    cached.setdefault(rec["custom_id"], []).append(rec)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    return cached
+
+
+def open_append(path):
+    """Open a JSONL file for appending; first end a line torn by a kill so lines never merge."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
+CACHE_FIELDS = ("custom_id", "content", "finish_reason", "usage", "model", "reasoning")
+
+
+def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
+                 max_retries=5, failed_path=None):
+    """Cached, concurrent, retried calls (see the module notes) -> {custom_id: result}."""
+    validate = validate or (lambda r: r["content"])
+    stats, results, pending, seen = endpoint["stats"], {}, [], set()
+    cached = load_cache(cache_path)
+    for req in requests:
+        cid = req["custom_id"]
+        if cid in seen:  # the same request twice in one list is asked once
+            continue
+        seen.add(cid)
+        for rec in cached.get(cid, ()):  # first cached record that validates wins
+            try:
+                results[cid] = {**rec, "value": _validated(rec, validate)}
+                break
+            except ValueError:
+                continue
+        else:
+            pending.append(req)
+    stats["cached"] += len(results)
+    if not pending:
+        return results
+    if endpoint.get("batch_file"):
+        write_batch_file(endpoint["batch_file"], pending, desc)
+    if not endpoint["probed"]:
+        probe_endpoint(endpoint)
+
+    bar = tqdm(total=len(seen), initial=len(results), desc=desc, unit="req", mininterval=0.5,
+               dynamic_ncols=True)
+    cache_f = open_append(cache_path)
+    failed_f, n_failed = None, 0
+
+    def progress():
+        bar.set_postfix_str(f"failed={n_failed} tok_in={stats['tokens_in']} "
+                            f"tok_out={stats['tokens_out']}", refresh=False)
+        bar.update(1)
+
+    def on_done(req, result):
+        cache_f.write(json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n")
+        cache_f.flush()  # in the kernel now: survives kill -9 of this process
+        results[req["custom_id"]] = result
+        stats["ok"] += 1
+        progress()
+
+    def on_fail(req, failure):
+        nonlocal n_failed, failed_f
+        n_failed += 1
+        stats["failed"] += 1
+        if failed_path:
+            failed_f = failed_f or open_append(failed_path)
+            line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
+            failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            failed_f.flush()
+        progress()
+
+    try:
+        asyncio.run(_engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail))
+    finally:
+        bar.close()
+        cache_f.close()
+        if failed_f:
+            failed_f.close()
+    return results
+
+
+def write_batch_file(path, pending, desc):
+    """Write pending requests as OpenAI batch lines and stop the run (exit 0)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for req in pending:
+            f.write(json.dumps(req, ensure_ascii=False) + "\n")
+    print(f"wrote {len(pending)} pending requests ({desc}) to {path}.\n"
+          f"Run them with the OpenAI Batch API or `vllm run-batch -i {path} -o results.jsonl "
+          f"--model MODEL`, then rerun this command with --batch-results results.jsonl "
+          f"(keep --batch-file to get the next stage's requests as a file too).")
+    raise SystemExit(0)
+
+
+def ingest_batch_results(paths, cache_dir):
+    """Append Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl."""
+    counts, files = Counter(), {}
+    cache_dir = Path(cache_dir)
+    try:
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    rec = _batch_line_to_record(json.loads(line))
+                    if rec is None:
+                        counts["errored"] += 1
+                        continue
+                    stage = rec["custom_id"].rsplit("-", 1)[0]
+                    if stage not in files:
+                        have = {_record_key(r) for rs in load_cache(cache_dir / f"{stage}.jsonl")
+                                .values() for r in rs}
+                        files[stage] = (open_append(cache_dir / f"{stage}.jsonl"), have)
+                    f_out, have = files[stage]
+                    # Skip only a record already there word for word (a file ingested twice).
+                    # A new reply for a cached id is kept: the cached one may be invalid (cut by
+                    # the token limit, say), which is why the request was batched again.
+                    if _record_key(rec) in have:
+                        counts["already cached"] += 1
+                        continue
+                    have.add(_record_key(rec))
+                    f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    counts["ingested"] += 1
+    finally:
+        for f_out, _ in files.values():
+            f_out.close()
+    return counts
+
+
+def _record_key(rec):
+    return sha256_hex(json.dumps([rec.get(k) for k in CACHE_FIELDS], ensure_ascii=False))
+
+
+def _batch_line_to_record(line):
+    """One output line of the OpenAI Batch API or vllm run-batch -> a cache record, or None."""
+    resp = line.get("response") or {}
+    if line.get("error") or resp.get("status_code", 200) != 200:
+        return None
+    body = resp.get("body", resp)  # some vLLM versions put the completion directly in response
+    if not body.get("choices"):
+        return None
+    choice, usage = body["choices"][0], body.get("usage") or {}
+    msg = choice.get("message") or {}
+    return {"custom_id": line["custom_id"], "content": msg.get("content") or "",
+            "finish_reason": choice.get("finish_reason"), "model": body.get("model"),
+            "usage": {"prompt_tokens": usage.get("prompt_tokens"),
+                      "completion_tokens": usage.get("completion_tokens")},
+            "reasoning": msg.get("reasoning_content") or msg.get("reasoning")}
+
+
+# -----------------------------------------------------------------------------
+# Parsing and validation of replies (each raises ValueError, which makes the request retry)
+
+def check_finished(result):
+    if result.get("finish_reason") == "length":
+        raise ValueError("cut by the token limit (finish_reason=length)")
+
+
+def parse_json(text):
+    """The first JSON value in a reply: tolerates <think> blocks, code fences and prose around it."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    candidates = [m[1] for m in re.finditer(r"```(?:json|JSON)?\s*\n?(.*?)```", text, re.S)]
+    candidates.append(text)
+    decoder = json.JSONDecoder()
+    for cand in candidates:
+        cand = cand.strip()
+        for start in [i for i, ch in enumerate(cand) if ch in "[{"][:50]:
+            try:
+                return decoder.raw_decode(cand, start)[0]
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("no JSON value in the reply")
+
+
+def json_list(result, fields=()):
+    """A non-empty JSON list; with fields, a list of objects that have those fields as strings."""
+    check_finished(result)
+    items = parse_json(result["content"])
+    if isinstance(items, dict) and len(items) == 1:  # {"domains": [...]}
+        items = next(iter(items.values()))
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a non-empty JSON list")
+    if not fields:
+        items = [x.strip() for x in items if isinstance(x, str) and x.strip()]
+        if not items:
+            raise ValueError("expected a list of strings")
+        return items
+    good = [x for x in items if isinstance(x, dict)
+            and all(isinstance(x.get(f), str) and x[f].strip() for f in fields)]
+    if not good:
+        raise ValueError(f"no item has the fields {', '.join(fields)}")
+    return good
+
+
+def named_list(result):
+    return json_list(result, ("name", "description"))
+
+
+def write_jsonl(path, rows):
+    """Write a whole output file atomically (a kill never leaves a half-written output)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Command-line flags, spelled the same in every script that calls an endpoint
+
+def add_endpoint_args(parser, prefix="", who="the generator", base_url=None, model_help=None):
+    """--{prefix}model, --{prefix}base-url, --{prefix}api-key-env, --{prefix}extra-body.
+
+    prefix tells two endpoints of one script apart (evaluate.py: "policy-" and "grader-").
+    --{prefix}extra-body stays a string (default None); the caller parses it."""
+    add = parser.add_argument
+    add(f"--{prefix}model", help=model_help or f"{who}: the model name as the endpoint knows it "
+        "(default: none)")
+    add(f"--{prefix}base-url", default=base_url, help=f"OpenAI-compatible base URL of {who}, "
+        f"ending in /v1 (default: {base_url or 'none'})")
+    add(f"--{prefix}api-key-env", default="OPENAI_API_KEY", help=f"environment variable holding "
+        f"the API key of {who}; unset means 'EMPTY', fine for local servers (default "
+        "OPENAI_API_KEY)")
+    add(f"--{prefix}extra-body", default=None, help="JSON merged into every request body to "
+        f"{who}, for server options, e.g. '{{\"chat_template_kwargs\": {{\"enable_thinking\": "
+        "false}}' (default: none); part of the request ids")
+
+
+def add_client_args(parser, retries_note=""):
+    """Client settings shared by every endpoint of a script: concurrency, timeout, retries,
+    the token-limit field and the model check. retries_note ends the --max-retries help."""
+    add = parser.add_argument
+    add("--concurrency", type=int, default=64, help="requests in flight per endpoint (default 64)")
+    add("--timeout", type=float, default=600.0, help="seconds per request before it is retried "
+        "(default 600)")
+    add("--max-retries", type=int, default=5, help="retries per request after the first try, for "
+        f"HTTP 408/409/429/5xx, timeouts, connection errors and invalid replies{retries_note} "
+        "(default 5)")
+    add("--token-field", default="max_tokens", choices=["max_tokens", "max_completion_tokens"],
+        help="request field for the token limit; OpenAI's reasoning models (o-series, gpt-5) "
+        "refuse max_tokens and want max_completion_tokens (default max_tokens)")
+    add("--no-model-check", action="store_true", help="do not check model names against the "
+        "endpoint's /models list, for servers that load models on demand such as `transformers "
+        "serve` (default: check)")
