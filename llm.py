@@ -16,21 +16,26 @@ rerunning the same command resumes.
       server option such as chat_template_kwargs); use index to draw several samples of one prompt.
 
   open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
-                retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None) -> dict
+                retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None,
+                batch_max_bytes=190_000_000, batch_max_lines=50_000) -> dict
       Endpoint settings (never the key itself: it is read from the environment variable when a
       client is made; "EMPTY" when unset, which local servers accept). Nothing is sent here;
       run_requests probes GET /models once, the first time it has something to send, and exits
       with a one-line error for an unreachable endpoint, a 401 (naming the variable, never the
       key) or a model the endpoint does not list. Call probe_endpoint(ep) to fail earlier.
       ep["stats"] counts calls, retries, failures and tokens for the final summary.
-      With batch_file set, run_requests writes pending requests there instead of calling.
+      With batch_file set, run_requests writes pending requests there instead of calling, in
+      parts of at most batch_max_bytes and batch_max_lines each.
 
   run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-               max_retries=5, failed_path=None) -> dict[custom_id, result]
+               max_retries=5, failed_path=None) -> Results {custom_id: result}
       Sends every request whose id is not already in cache_path, concurrency at a time, and
       returns {custom_id: result} for every request that succeeded (cached ones without a call).
       result = {custom_id, content, finish_reason, usage, model, reasoning, value}, where
-      value = validate(result) (default: the content). validate raises ValueError for a bad
+      value = validate(result) (default: the content). requests may be a generator, and the
+      returned mapping reads each result from the cache file when asked for, so memory holds
+      the requests in flight and one offset per id, not the replies. validate must be pure (it
+      runs again on each read) and raises ValueError for a bad
       reply; the request is then asked again with the same body (a new sample when temperature
       > 0; at temperature 0 it will fail the same way). HTTP 408/409/429/5xx, timeouts and
       connection errors are retried with exponential backoff and jitter, honouring Retry-After.
@@ -54,6 +59,7 @@ Reading order below: request ids -> endpoint and probe -> one attempt (send, cla
 
 import asyncio
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -62,6 +68,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx2  # the HTTP library under the pinned openai SDK (3.x)
@@ -92,12 +99,14 @@ def make_request(stage, model, messages, sampling, index=0):
 
 
 def open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
-                  retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None):
+                  retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None,
+                  batch_max_bytes=190_000_000, batch_max_lines=50_000):
     """Endpoint settings for run_requests (see the module notes)."""
     return {"base_url": base_url, "model": model, "api_key_env": api_key_env,
             "timeout": float(timeout), "check_model": check_model,
             "retry_base_delay": retry_base_delay, "retry_max_delay": retry_max_delay,
-            "batch_file": batch_file, "probed": False, "stats": Counter()}
+            "batch_file": batch_file, "batch_max_bytes": batch_max_bytes,
+            "batch_max_lines": batch_max_lines, "probed": False, "stats": Counter()}
 
 
 def _api_key(endpoint):
@@ -249,87 +258,148 @@ async def _attempts(client, endpoint, req, validate, max_retries):
         await asyncio.sleep(delay)
 
 
-async def _engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail):
-    n_workers = min(concurrency, len(pending))
+async def _engine(endpoint, queue, validate, concurrency, max_retries, on_done, on_fail):
+    """concurrency workers pull from one iterator of requests until it is empty."""
     ssl_context = httpx2.create_ssl_context()  # shared: loading the CA bundle costs ~25 ms each
     clients = [_async_client(endpoint, POOL_SIZE, ssl_context)
-               for _ in range(math.ceil(n_workers / POOL_SIZE))]
-    queue = iter(pending)  # shared by the workers; next() never awaits, so no lock is needed
+               for _ in range(math.ceil(concurrency / POOL_SIZE))]
 
     async def worker(i, client):
-        await asyncio.sleep(i * RAMP)
-        for req in queue:
+        # next() never awaits, so the workers share the iterator without a lock. A worker takes
+        # its first request before the ramp, so idle workers of a short list end at once.
+        req = next(queue, None)
+        if req is not None:
+            await asyncio.sleep(i * RAMP)
+        while req is not None:
             result, failure = await _attempts(client, endpoint, req, validate, max_retries)
             if failure is None:
                 on_done(req, result)
             else:
                 on_fail(req, failure)
+            req = next(queue, None)
     try:
-        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(n_workers)))
+        await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(concurrency)))
     finally:
         for client in clients:
             await client.close()
 
 
-def load_cache(path):
-    """custom_id -> list of cached records, in file order. A torn last line (kill -9) is skipped."""
-    cached = {}
-    if Path(path).exists():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    cached.setdefault(rec["custom_id"], []).append(rec)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-    return cached
-
-
-def open_append(path):
-    """Open a JSONL file for appending; first end a line torn by a kill so lines never merge."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if torn:
-        f.write("\n")
-    return f
-
+# -----------------------------------------------------------------------------
+# The cache: one append-only JSONL file per stage. Memory holds byte offsets, never replies, so a
+# run of 10^5-10^6 requests stays small (bench/synth_bench.py --memory measures it).
 
 CACHE_FIELDS = ("custom_id", "content", "finish_reason", "usage", "model", "reasoning")
 
 
+def iter_cache(path):
+    """-> (byte offset, record) per good line. A torn last line (kill -9) is skipped."""
+    if not Path(path).exists():
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            try:
+                rec = json.loads(line)
+                if isinstance(rec, dict) and "custom_id" in rec:
+                    yield offset, rec
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+            offset += len(line)
+
+
+def load_cache(path):
+    """custom_id -> list of cached records, in file order (whole records: for small caches)."""
+    cached = {}
+    for _, rec in iter_cache(path):
+        cached.setdefault(rec["custom_id"], []).append(rec)
+    return cached
+
+
+def read_record(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return json.loads(f.readline())
+
+
+class Results(Mapping):
+    """custom_id -> result {custom_id, content, ..., value}, read from the cache file when asked
+    for. It holds one offset per id; validate runs again on each read, so it must be pure."""
+
+    def __init__(self, path, validate):
+        self.path, self.validate, self.offsets = Path(path), validate, {}
+
+    def __getitem__(self, cid):
+        rec = read_record(self.path, self.offsets[cid])
+        return {**rec, "value": _validated(rec, self.validate)}
+
+    def __iter__(self):
+        return iter(self.offsets)
+
+    def __len__(self):
+        return len(self.offsets)
+
+
+def open_append(path, binary=False):
+    """Open a JSONL file for appending; first end a line torn by a kill so lines never merge."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    f = open(path, "ab") if binary else open(path, "a", encoding="utf-8")
+    if torn:
+        f.write(b"\n" if binary else "\n")
+    return f
+
+
 def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
                  max_retries=5, failed_path=None):
-    """Cached, concurrent, retried calls (see the module notes) -> {custom_id: result}."""
+    """Cached, concurrent, retried calls (see the module notes) -> Results {custom_id: result}.
+
+    requests may be any iterable (a generator keeps only the requests in flight in memory)."""
     validate = validate or (lambda r: r["content"])
-    stats, results, pending, seen = endpoint["stats"], {}, [], set()
-    cached = load_cache(cache_path)
-    for req in requests:
-        cid = req["custom_id"]
-        if cid in seen:  # the same request twice in one list is asked once
-            continue
-        seen.add(cid)
-        for rec in cached.get(cid, ()):  # first cached record that validates wins
-            try:
-                results[cid] = {**rec, "value": _validated(rec, validate)}
-                break
-            except ValueError:
+    stats, results, cache_path = endpoint["stats"], Results(cache_path, validate), Path(cache_path)
+    index = {}  # custom_id -> offsets of its cached records
+    for offset, rec in iter_cache(cache_path):
+        index.setdefault(rec["custom_id"], []).append(offset)
+    seen, bar, n_failed = set(), None, 0
+
+    def uncached():
+        """The requests to send, found lazily: a body lives only until its reply is cached."""
+        for req in requests:
+            cid = req["custom_id"]
+            if cid in seen:  # the same request twice in one list is asked once
                 continue
-        else:
-            pending.append(req)
-    stats["cached"] += len(results)
-    if not pending:
+            seen.add(cid)
+            for offset in index.pop(cid, ()):  # first cached record that validates wins
+                try:
+                    _validated(read_record(cache_path, offset), validate)
+                except ValueError:
+                    continue
+                results.offsets[cid] = offset
+                stats["cached"] += 1
+                if bar is not None:
+                    bar.update(1)
+                break
+            else:
+                yield req
+    queue = uncached()
+    first = next(queue, None)
+    if first is None:
         return results
+    queue = itertools.chain([first], queue)
     if endpoint.get("batch_file"):
-        write_batch_file(endpoint["batch_file"], pending, desc)
+        write_batch_file(endpoint, queue, desc)
     if not endpoint["probed"]:
         probe_endpoint(endpoint)
 
-    bar = tqdm(total=len(seen), initial=len(results), desc=desc, unit="req", mininterval=0.5,
+    total = len(requests) if hasattr(requests, "__len__") else None
+    bar = tqdm(total=total, initial=len(results), desc=desc, unit="req", mininterval=0.5,
                dynamic_ncols=True)
-    cache_f = open_append(cache_path)
-    failed_f, n_failed = None, 0
+    cache_f = open_append(cache_path, binary=True)
+    failed_f = None
 
     def progress():
         bar.set_postfix_str(f"failed={n_failed} tok_in={stats['tokens_in']} "
@@ -337,9 +407,10 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
         bar.update(1)
 
     def on_done(req, result):
-        cache_f.write(json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n")
+        results.offsets[req["custom_id"]] = cache_f.tell()
+        line = json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n"
+        cache_f.write(line.encode("utf-8"))
         cache_f.flush()  # in the kernel now: survives kill -9 of this process
-        results[req["custom_id"]] = result
         stats["ok"] += 1
         progress()
 
@@ -355,7 +426,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
         progress()
 
     try:
-        asyncio.run(_engine(endpoint, pending, validate, concurrency, max_retries, on_done, on_fail))
+        asyncio.run(_engine(endpoint, queue, validate, concurrency, max_retries, on_done, on_fail))
     finally:
         bar.close()
         cache_f.close()
@@ -364,17 +435,43 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     return results
 
 
-def write_batch_file(path, pending, desc):
-    """Write pending requests as OpenAI batch lines and stop the run (exit 0)."""
-    path = Path(path)
+# -----------------------------------------------------------------------------
+# Batch files: write the pending requests instead of calling; ingest the provider's output.
+
+def write_batch_file(endpoint, pending, desc):
+    """Write pending requests as OpenAI batch lines and stop the run (exit 0). Files are split so
+    each stays under endpoint["batch_max_bytes"] and endpoint["batch_max_lines"] (hosted batch
+    APIs refuse files over 200 MB or 50,000 requests): one part is written to batch_file itself,
+    more to NAME.part1.jsonl, NAME.part2.jsonl, ..."""
+    path = Path(endpoint["batch_file"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    for old in path.parent.glob(f"{path.stem}.part*{path.suffix}"):
+        old.unlink()  # parts of an earlier, larger write would be sent twice
+    parts, f, size, lines, n = [], None, 0, 0, 0
+    try:
         for req in pending:
-            f.write(json.dumps(req, ensure_ascii=False) + "\n")
-    print(f"wrote {len(pending)} pending requests ({desc}) to {path}.\n"
-          f"Run them with the OpenAI Batch API or `vllm run-batch -i {path} -o results.jsonl "
-          f"--model MODEL`, then rerun this command with --batch-results results.jsonl "
-          f"(keep --batch-file to get the next stage's requests as a file too).")
+            line = (json.dumps(req, ensure_ascii=False) + "\n").encode("utf-8")
+            if f is None or size + len(line) > endpoint["batch_max_bytes"] \
+                    or lines >= endpoint["batch_max_lines"]:
+                if f:
+                    f.close()
+                parts.append(path.with_name(f"{path.stem}.part{len(parts) + 1}{path.suffix}"))
+                f, size, lines = open(parts[-1], "wb"), 0, 0
+            f.write(line)
+            size, lines, n = size + len(line), lines + 1, n + 1
+    finally:
+        if f:
+            f.close()
+    if len(parts) == 1:
+        os.replace(parts[0], path)
+        parts = [path]
+    else:
+        path.unlink(missing_ok=True)
+    names = " ".join(str(p) for p in parts)
+    print(f"wrote {n} pending requests ({desc}) to {names}.\n"
+          f"Run them with the OpenAI Batch API or `vllm run-batch -i FILE -o results.jsonl "
+          f"--model MODEL` (one per file), then rerun this command with --batch-results "
+          f"RESULTS... (keep --batch-file to get the next stage's requests as a file too).")
     raise SystemExit(0)
 
 
@@ -394,9 +491,9 @@ def ingest_batch_results(paths, cache_dir):
                         continue
                     stage = rec["custom_id"].rsplit("-", 1)[0]
                     if stage not in files:
-                        have = {_record_key(r) for rs in load_cache(cache_dir / f"{stage}.jsonl")
-                                .values() for r in rs}
-                        files[stage] = (open_append(cache_dir / f"{stage}.jsonl"), have)
+                        cache = cache_dir / f"{stage}.jsonl"
+                        files[stage] = (open_append(cache),
+                                        {_record_key(r) for _, r in iter_cache(cache)})
                     f_out, have = files[stage]
                     # Skip only a record already there word for word (a file ingested twice).
                     # A new reply for a cached id is kept: the cached one may be invalid (cut by
@@ -466,16 +563,15 @@ def json_list(result, fields=()):
         items = next(iter(items.values()))
     if not isinstance(items, list) or not items:
         raise ValueError("expected a non-empty JSON list")
-    if not fields:
-        items = [x.strip() for x in items if isinstance(x, str) and x.strip()]
-        if not items:
-            raise ValueError("expected a list of strings")
-        return items
-    good = [x for x in items if isinstance(x, dict)
-            and all(isinstance(x.get(f), str) and x[f].strip() for f in fields)]
-    if not good:
-        raise ValueError(f"no item has the fields {', '.join(fields)}")
-    return good
+    # A bad item fails the whole reply (it is asked again, then failed.jsonl): dropping it here
+    # would lose it silently.
+    for k, x in enumerate(items, 1):
+        if not fields and not (isinstance(x, str) and x.strip()):
+            raise ValueError(f"item {k} is not a non-empty string: {str(x)[:60]!r}")
+        if fields and not (isinstance(x, dict) and all(
+                isinstance(x.get(f), str) and x[f].strip() for f in fields)):
+            raise ValueError(f"item {k} lacks the fields {', '.join(fields)}: {str(x)[:60]!r}")
+    return [x.strip() for x in items] if not fields else items
 
 
 def named_list(result):

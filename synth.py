@@ -893,7 +893,12 @@ def parse_args(argv=None):
     g.add_argument("--max-rounds", type=int, default=3, help="top-up / backfill rounds per stage "
                    "(default 3)")
     g.add_argument("--batch-file", help="write the pending requests of the next stage to this "
-                   "file as OpenAI batch lines and stop, instead of calling (default: call)")
+                   "file as OpenAI batch lines and stop, instead of calling; split into "
+                   "NAME.part1.jsonl, ... when over the limits below (default: call)")
+    g.add_argument("--batch-max-mb", type=float, default=190.0, help="largest batch file part in "
+                   "MB (10^6 bytes); hosted batch APIs take up to 200 (default 190)")
+    g.add_argument("--batch-max-lines", type=int, default=50_000, help="most requests per batch "
+                   "file part; the OpenAI Batch API takes up to 50,000 (default 50000)")
     g.add_argument("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API /"
                    " vllm run-batch output files into the cache before running (default: none)")
 
@@ -939,9 +944,11 @@ def parse_args(argv=None):
                    "preferences file name without '_preferences', e.g. cheese)")
     args = ap.parse_args(argv)
     for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
-                 "domain_batch", "n_per_preference"):
+                 "domain_batch", "n_per_preference", "batch_max_lines"):
         if getattr(args, flag, 1) < 1:
             die(f"error: --{flag.replace('_', '-')} must be at least 1")
+    if args.batch_max_mb <= 0:
+        die("error: --batch-max-mb must be above 0")
     if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
         die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
     args.max_tokens = parse_max_tokens(args.max_tokens)
@@ -1012,7 +1019,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
-                       not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file)
+                       not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
+                       batch_max_bytes=int(args.batch_max_mb * 1e6),
+                       batch_max_lines=args.batch_max_lines)
     run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None)
     (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
     (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only

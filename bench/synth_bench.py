@@ -3,6 +3,7 @@ Throughput of the request engine (llm.py) against a local server of fixed latenc
 
   python bench/synth_bench.py                                  # concurrency 64 and 256
   python bench/synth_bench.py --concurrency 512 --capacity 512 --latency 2
+  python bench/synth_bench.py --memory 100000                  # peak RSS of one big run
 
 For each concurrency it starts tests/fake_openai.py in its own process (so the server's CPU is
 not counted as the client's), sends waves x concurrency requests through llm.run_requests
@@ -13,10 +14,17 @@ not counted as the client's), sends waves x concurrency requests through llm.run
   means the client is not the bottleneck).
 
 The whole run is timed, start-up and the last partial wave included.
+
+--memory N instead sends N requests once (made by a generator, as a big stage would), then reads
+every result back from the returned mapping and streams it to an output file, as a stage writing
+its documents does, and prints the client's peak resident memory (ru_maxrss) before the run,
+after the calls and after the read-back.
 """
 
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +65,43 @@ def bench(concurrency, args):
             "cpu_share": cpu / wall}
 
 
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory(n, args):
+    """One run of n requests -> peak RSS (MB) at each step, wall time and file sizes."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--latency", str(args.latency),
+         "--capacity", str(args.capacity), "--reply-chars", str(args.reply_chars)],
+        stdout=subprocess.PIPE, text=True)
+    concurrency = args.concurrency[0]
+    filler = "x" * args.prompt_chars
+    reqs = (llm.make_request("bench", "bench-model", [{"role": "user", "content": f"{i} {filler}"}],
+                             {"temperature": 1.0, "max_tokens": 1024}) for i in range(n))
+    row = {"requests": n, "concurrency": concurrency, "rss_start_mb": peak_rss_mb()}
+    try:
+        url = server.stdout.readline().strip()
+        ep = llm.open_endpoint(url, "bench-model", timeout=60)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            results = llm.run_requests(ep, reqs, Path(tmp) / "cache.jsonl", f"n={n}",
+                                       concurrency=concurrency)
+            row["call_s"], row["rss_calls_mb"] = time.perf_counter() - t0, peak_rss_mb()
+            t1, written = time.perf_counter(), 0
+            with open(Path(tmp) / "out.jsonl", "w", encoding="utf-8") as f:
+                for cid in results:
+                    f.write(json.dumps({"id": cid, "text": results[cid]["value"]}) + "\n")
+                    written += 1
+            row["read_s"], row["rss_end_mb"] = time.perf_counter() - t1, peak_rss_mb()
+            row["cache_mb"] = (Path(tmp) / "cache.jsonl").stat().st_size / 1e6
+    finally:
+        server.kill()
+        server.wait()
+    assert written == n, f"only {written} of {n} requests succeeded"
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256],
@@ -71,7 +116,19 @@ def main():
                     "(default 8000)")
     ap.add_argument("--reply-chars", type=int, default=8000, help="reply size, about a 2k-token "
                     "document (default 8000)")
+    ap.add_argument("--memory", type=int, metavar="N", help="instead: one run of N requests at the"
+                    " first --concurrency; print peak RSS (default: off)")
     args = ap.parse_args()
+    if args.memory:
+        t0, r = time.perf_counter(), memory(args.memory, args)
+        print(f"\ncommand: python bench/synth_bench.py {' '.join(sys.argv[1:])}")
+        print(f"{r['requests']} requests at concurrency {r['concurrency']}; server latency "
+              f"{args.latency} s, capacity {args.capacity}; prompt {args.prompt_chars} chars, reply "
+              f"{args.reply_chars} chars; cache file {r['cache_mb']:.0f} MB; {os.cpu_count()} CPUs")
+        print(f"peak RSS: {r['rss_start_mb']:.0f} MB at start, {r['rss_calls_mb']:.0f} MB after the "
+              f"calls ({r['call_s']:.0f} s), {r['rss_end_mb']:.0f} MB after reading every result "
+              f"back ({r['read_s']:.0f} s); wall {time.perf_counter() - t0:.0f} s")
+        return
     rows = [bench(c, args) for c in args.concurrency]
     print(f"\ncommand: python bench/synth_bench.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"server: latency {args.latency} s, capacity {args.capacity}; prompt {args.prompt_chars}"
