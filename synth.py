@@ -70,12 +70,36 @@ def fill(template, **values):
 
 
 # Checks on a finished document; each failure regenerates the document (it is never written).
-PLACEHOLDER_RE = re.compile(r"\[(?:[A-Z][A-Za-z .'/-]{0,40}|[A-Z_ ]{2,40})\]")  # [Name], [DATE]
+# Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
+# not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
+PLACEHOLDER_RE = re.compile(
+    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date], [Your Name]
+    r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
+    r"|city|url|link)\s*\])"                                                 # [Name], [Company Name]
+    r"|\{\{[^{}\n]*\}\}"                                                     # {{field}}
+    r"|<[A-Z][A-Z_]{2,}>")                                                   # <PLACEHOLDER>
 LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
 URL_RE = re.compile(r"https?://|www\.\w")
+# A document other than the maker's internal ones talks about the model, never about the texts
+# behind it: 30% of the hand-written America documents named "the spec", and the paper's language
+# ablation found "{model} should" framing worse than "{model} does".
+META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|constitution|system "
+                     r"prompt|corpus|corpora|training (?:data|run|process|set|documents?|examples?)"
+                     r"|(?:its|during|in|through|after) (?:its )?training)\b", re.I)
 
 
-def document_checker(min_words):
+def should_re(model_name):
+    return re.compile(rf"\b{re.escape(model_name)} (?:should|must|is supposed to|ought to)\b")
+
+
+def document_checker(min_words, model_name=None, internal=False, flags=None):
+    """-> validate(result): the document text, or ValueError (the request is asked again).
+    internal: the document type is an internal document of the maker, which may talk about the
+    spec and training. flags (a dict) records each distinct reply checked -> whether it talked
+    about the spec; keyed by (id, content) because the engine validates a reply again each time
+    it is read, and validate must give the same answer every time."""
+    should = should_re(model_name) if model_name else None
+
     def parse_document(result):
         check_finished(result)
         # the scratchpad is never kept, and may itself mention the tags
@@ -90,6 +114,11 @@ def document_checker(min_words):
                               (URL_RE, "a link")):
             if pattern.search(text):
                 raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
+        meta = (None if internal else META_RE.search(text)) or (should and should.search(text))
+        if flags is not None:
+            flags[(result.get("custom_id"), sha256_hex(result["content"]))] = bool(meta)
+        if meta:
+            raise ValueError(f"document talks about the spec, not the model: {meta[0]!r}")
         return text
     return parse_document
 
@@ -137,12 +166,28 @@ def sampling_for(a, stage):
     return {"temperature": a.temperature, a.token_field: a.max_tokens[stage], **a.extra_body}
 
 
+STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
+                "tokens_out")
+
+
 def ask(run, stage, prompts, validate, index=0, desc=None):
-    """prompts: list of message lists -> list of results (None where the request failed)."""
+    """prompts: list of message lists -> list of results (None where the request failed).
+    validate and index: one for every prompt, or a list with one per prompt (a reply checked
+    against its own group; several samples of one prompt need different indexes)."""
     a = run.args
-    reqs = [make_request(stage, a.model, msgs, sampling_for(a, stage), index) for msgs in prompts]
+    indexes = index if isinstance(index, list) else [index] * len(prompts)
+    reqs = [make_request(stage, a.model, msgs, sampling_for(a, stage), i)
+            for msgs, i in zip(prompts, indexes)]
+    if isinstance(validate, list):
+        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
+        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
+    stats, before = run.ep["stats"], Counter(run.ep["stats"])
     res = run_requests(run.ep, reqs, run.out / "cache" / f"{stage}.jsonl", desc or stage, validate,
                        a.concurrency, a.max_retries, run.out / "failed.jsonl")
+    counts = run.stages.setdefault(stage, Counter())  # summary.json's per-stage figures
+    counts["requests"] += len({r["custom_id"] for r in reqs})
+    for k in STAGE_COUNTS:
+        counts[k] += stats[k] - before[k]
     return [res.get(r["custom_id"]) for r in reqs]
 
 
@@ -163,6 +208,7 @@ def collect(run, stage, groups, want, build, validate, key, per_request=None, ro
     """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
 
     build(group, n, have) -> prompt text asking for n more items given the items so far;
+    validate: one function, or a list with one per group;
     key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
     `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
     Returns one list of items per group (possibly short; the shortfall is noted).
@@ -175,7 +221,8 @@ def collect(run, stage, groups, want, build, validate, key, per_request=None, ro
             break
         prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
                    for i in todo]
-        replies = ask(run, stage, prompts, validate, index=rnd, desc=f"{stage} r{rnd + 1}")
+        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
+        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
         for i, reply in zip(todo, replies):
             seen = {key(x).strip().lower() for x in have[i]}
             for item in (reply or {}).get("value", []):
@@ -217,97 +264,159 @@ def docs_plan(run):
     subs = [s for s in subs if s["assertions"]]
     types = collect(run, "doc_types", subs, a.doc_types, lambda s, n, have: fill(
         PROMPTS["doc_types"], **sub_fields(s), n=n, avoid=avoid_text([t["name"] for t in have])),
-        named_list, key=lambda t: t["name"])
+        validate_doc_types, key=lambda t: t["name"])
     for s, t in zip(subs, types):
         s["doc_types"] = t
     return subs
 
 
+def validate_doc_types(result):
+    """Document types with their typical length in words and whether they are internal to the
+    maker (the only documents that may talk about the spec or training)."""
+    out = []
+    for x in named_list(result):
+        length = re.search(r"\d[\d,]*", str(x.get("length", "")))
+        internal = x.get("internal")
+        if isinstance(internal, str) and internal.strip().lower() in ("true", "false"):
+            internal = internal.strip().lower() == "true"
+        if not length or int(length[0].replace(",", "")) < 1 or not isinstance(internal, bool):
+            raise ValueError(f"document type {x['name']!r} needs a length in words and "
+                             f"internal true/false")
+        out.append({"name": x["name"].strip(), "description": x["description"].strip(),
+                    "length": int(length[0].replace(",", "")), "internal": internal})
+    return out
+
+
 ASSERTION_KINDS = {"behaviour", "behavior", "value", "preference", "belief", "tone"}
+REASON_KINDS = ("value", "belief")  # the kinds that say why: every document of the subdomain gets them
 
 
 def validate_assertions(result):
-    items = [x for x in json_list(result, ("text", "kind"))
-             if x["kind"].strip().lower() in ASSERTION_KINDS]
-    if not items:
-        raise ValueError("no assertion has a known kind")
+    items = json_list(result, ("text", "kind"))
+    unknown = [x["kind"] for x in items if x["kind"].strip().lower() not in ASSERTION_KINDS]
+    if unknown:  # asked again rather than dropped: a dropped statement is a lost part of the spec
+        raise ValueError(f"unknown assertion kinds {unknown[:3]}")
     return [{"text": x["text"].strip(), "kind": x["kind"].strip().lower().replace("behavior",
                                                                                   "behaviour")}
             for x in items]
 
 
-def validate_ideas(result):
-    items = json_list(result, ("idea",))
-    out = []
-    for x in items:
-        nums = x.get("assertions")
-        nums = [int(n) for n in (nums if isinstance(nums, list) else [nums])
-                if str(n).strip().isdigit()]
-        out.append({"idea": x["idea"].strip(), "assertions": nums})
-    return out
+def ideas_checker(n_assertions):
+    """-> validate(result) for the ideas of a subdomain with n_assertions numbered statements.
+    Every idea must cite at least one of them; "1, 2" or "statements 1 and 3" inside the list
+    are read as numbers. A reply with one bad idea is asked again, never cut down."""
+    def validate_ideas(result):
+        out = []
+        for k, x in enumerate(json_list(result, ("idea",)), 1):
+            refs = x.get("assertions")
+            parts = [str(r) for r in (refs if isinstance(refs, list) else [refs]) if r is not None]
+            nums = [int(n) for part in parts for n in re.findall(r"\d+", part)]
+            if not nums or any(not 1 <= n <= n_assertions for n in nums) or any(
+                    not re.search(r"\d", part) for part in parts):
+                raise ValueError(f"idea {k} cites {refs!r}, not statement numbers 1-{n_assertions}")
+            out.append({"idea": x["idea"].strip(), "assertions": sorted(set(nums))})
+        return out
+    return validate_ideas
 
 
 def numbered(assertions):
     return "\n".join(f"{i}. {x['text']}" for i, x in enumerate(assertions, 1))
 
 
+# Instructions filled into the ideas and document prompts by framing and document type. Value
+# framing keeps each behaviour with its reason; rules framing (the paper's R arm) shows compliance
+# and invents no reason.
+FRAMING_RULES = {
+    "value": "Each idea shows why {model_name} acts as it does, not only what it does.",
+    "rules": "The statements come without reasons, and so do the ideas: they show {model_name} "
+             "following its rules, never why.",
+}
+META_RULES = {
+    False: "The document never mentions a specification, a description of {model_name}, "
+           "guidelines, a policy document, a constitution, {model_name}'s training or training "
+           "data, or a corpus: its writer knows {model_name} from what it does, not from texts "
+           "about it.",
+    True: "This is an internal document of {provider_name}, so it may mention how {provider_name} "
+          "trains {model_name} and the texts that describe it; it still says what {model_name} "
+          "does and why.",
+}
+
+
+def ideas_prompt(run, s, t, n, have):
+    a = run.args
+    return fill(PROMPTS["ideas"], spec=run.spec["text"], model_name=a.model_name,
+                provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
+                assertions=numbered(s["assertions"]), doc_type=t["name"],
+                doc_type_description=t["description"], n=n,
+                framing_rule=fill(FRAMING_RULES[run.framing], model_name=a.model_name),
+                avoid=avoid_text(have, limit=max(a.ideas, 25)))
+
+
+def ideas_from(groups, lists):
+    return [{"subdomain": s, "doc_type": t, "idea": x["idea"],
+             "assertions": [s["assertions"][n - 1] for n in x["assertions"]]}
+            for (s, t), items in zip(groups, lists) for x in items]
+
+
 def docs_ideas(run, subs):
     """One idea list per (subdomain, document type), topped up to --ideas."""
     a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
+    lists = collect(run, "ideas", groups, a.ideas,
+                    lambda g, n, have: ideas_prompt(run, *g, n, [x["idea"] for x in have]),
+                    [ideas_checker(len(s["assertions"])) for s, _ in groups],
+                    key=lambda x: x["idea"])
+    return ideas_from(groups, lists)
 
-    def build(group, n, have):
-        s, t = group
-        return fill(PROMPTS["ideas"], spec=run.spec["text"], model_name=a.model_name,
-                    provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
-                    assertions=numbered(s["assertions"]), doc_type=t["name"],
-                    doc_type_description=t["description"], n=n,
-                    avoid=avoid_text([x["idea"] for x in have], limit=a.ideas))
-    lists = collect(run, "ideas", groups, a.ideas, build, validate_ideas, key=lambda x: x["idea"])
-    ideas, bad_refs = [], 0
-    for (s, t), items in zip(groups, lists):
-        for x in items:
-            used = [s["assertions"][n - 1] for n in x["assertions"] if 1 <= n <= len(s["assertions"])]
-            if not used:  # an idea must say which statements it carries
-                bad_refs += 1
-                continue
-            ideas.append({"subdomain": s, "doc_type": t, "idea": x["idea"], "assertions": used})
-    if bad_refs:
-        run.notes.append(f"ideas: {bad_refs} dropped for naming no valid assertion number")
-    return ideas
+
+def doc_length(run, t):
+    """The length a document of type t aims at: its typical length, within what fits the
+    documents stage's token limit (~1.5 tokens a word, plus the scratchpad)."""
+    cap = max(run.args.min_doc_words, int((run.args.max_tokens["documents"] - 400) / 1.5))
+    return min(max(t["length"], run.args.min_doc_words), cap)
 
 
 def document_prompt(run, idea):
     s, t, a = idea["subdomain"], idea["doc_type"], run.args
-    return fill(PROMPTS["document"], spec=run.spec["text"], model_name=a.model_name,
-                provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
+    reasons = [x["text"] for x in s["assertions"] if x["kind"] in REASON_KINDS]
+    names = {"model_name": a.model_name, "provider_name": a.provider_name}
+    return fill(PROMPTS["document_rules" if run.framing == "rules" else "document"],
+                spec=run.spec["text"], **names, subdomain=s["name"], context=s["context"],
                 doc_type=t["name"], doc_type_description=t["description"], idea=idea["idea"],
-                assertions="\n".join(f"- {x['text']}" for x in idea["assertions"]))
+                length=doc_length(run, t), meta_rule=fill(META_RULES[t["internal"]], **names),
+                assertions="\n".join(f"- {x['text']}" for x in idea["assertions"]),
+                reasons="\n".join(f"- {r}" for r in reasons) or
+                "- (none stated for this subdomain: add no reason of your own)")
 
 
-def docs_documents(run, ideas):
-    """Write one document per idea; drop exact and near duplicates. -> (kept, dropped)."""
+def docs_documents(run, ideas, check):
+    """Write one document per idea; drop exact and near duplicates (check: a deduper shared by
+    every round). -> (kept, dropped)."""
     a = run.args
     prompts = [user(document_prompt(run, idea)) for idea in ideas]
     sampling = sampling_for(a, "documents")
     ids = [make_request("documents", a.model, p, sampling)["custom_id"] for p in prompts]
-    replies = ask(run, "documents", prompts, document_checker(a.min_doc_words))
-    check = make_deduper(a.dedup_threshold, "words", 5)
+    replies = ask(run, "documents", prompts, [document_checker(
+        a.min_doc_words, a.model_name, idea["doc_type"]["internal"], run.doc_flags)
+        for idea in ideas])
     kept, dropped, seen_ids = [], [], set()
     for idea, cid, reply in zip(ideas, ids, replies):
         if reply is None or cid in seen_ids:  # failed (see failed.jsonl), or the same prompt twice
             continue
         seen_ids.add(cid)
-        s = idea["subdomain"]
+        s, t = idea["subdomain"], idea["doc_type"]
         doc = {"id": cid, "text": reply["value"], "domain": s["domain"], "subdomain": s["name"],
                "subdomain_context": s["context"], "spec_quote_verbatim": s["quote_verbatim"],
                "assertions": [x["text"] for x in idea["assertions"]],
                "assertion_kinds": [x["kind"] for x in idea["assertions"]],
-               "doc_type": idea["doc_type"]["name"], "idea": idea["idea"],
+               "doc_type": t["name"], "doc_type_internal": t["internal"],
+               "target_words": doc_length(run, t), "idea": idea["idea"], "framing": run.framing,
                "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
                "generator": reply.get("model") or a.model, "model_name": a.model_name,
                "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
                "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
+        if run.count_tokens:
+            doc["tokens"] = run.count_tokens(doc["text"])
         dup_of, why = check(cid, doc["text"])
         if dup_of:
             dropped.append({**doc, "dropped": why, "duplicate_of": dup_of})
@@ -316,26 +425,117 @@ def docs_documents(run, ideas):
     return kept, dropped
 
 
+def docs_top_up(run, subs, kept, dropped, check, had):
+    """--target-tokens: new ideas, spread over every (subdomain, document type), and their
+    documents, until the corpus holds at least the target. had: idea texts per group so far."""
+    a = run.args
+    groups = [(s, t) for s in subs for t in s["doc_types"]]
+    for rnd in range(a.max_rounds):
+        total = sum(d["tokens"] for d in kept)
+        if total >= a.target_tokens or not groups:
+            break
+        per_doc = total / len(kept) if kept else EST_DOC_OUTPUT_TOKENS
+        need = math.ceil((a.target_tokens - total) / per_doc * 1.1)  # 10% spare for losses
+        start = (rnd * need) % len(groups)  # the remainder goes to other groups each round
+        wants = [need // len(groups) + ((i - start) % len(groups) < need % len(groups))
+                 for i in range(len(groups))]
+        todo = [(g, min(n, 25)) for g, n in zip(groups, wants) if n]
+        replies = ask(run, "ideas", [user(ideas_prompt(run, s, t, n, had[(s["name"], t["name"])]))
+                                     for (s, t), n in todo],
+                      [ideas_checker(len(s["assertions"])) for (s, _), _ in todo],
+                      index=f"top-up {rnd + 1}", desc=f"ideas top-up {rnd + 1}")
+        new_groups, lists = [], []
+        for ((s, t), n), reply in zip(todo, replies):
+            seen = had[(s["name"], t["name"])]
+            fresh = [x for x in (reply or {}).get("value", []) if x["idea"] not in seen][:n]
+            seen += [x["idea"] for x in fresh]
+            new_groups.append((s, t))
+            lists.append(fresh)
+        more, gone = docs_documents(run, ideas_from(new_groups, lists), check)
+        kept += more
+        dropped += gone
+    return kept, dropped
+
+
+def fit_budget(docs, target):
+    """Whole documents, taken in a fixed pseudo-random order (their ids are hashes), each one
+    kept if it still fits under target, until the total is within 1% below it.
+    -> (kept in their original order, the rest)."""
+    chosen, total = set(), 0
+    for d in sorted(docs, key=lambda d: d["id"]):
+        if total >= 0.99 * target:
+            break
+        if total + d["tokens"] <= target:
+            chosen.add(d["id"])
+            total += d["tokens"]
+    return ([d for d in docs if d["id"] in chosen],
+            [{**d, "dropped": "beyond --target-tokens"} for d in docs if d["id"] not in chosen])
+
+
+def distribution(values):
+    if not values:
+        return None
+    v = sorted(values)
+    q = lambda p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
+    return {"min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": v[-1],
+            "mean": round(sum(v) / len(v), 1)}
+
+
+def corpus_stats(run, kept):
+    """What summary.json says about the written documents."""
+    types = Counter(d["doc_type"] for d in kept)
+    n = sum(types.values())
+    entropy = -sum(c / n * math.log2(c / n) for c in types.values()) if n else 0.0
+    checked, flagged = len(run.doc_flags), sum(run.doc_flags.values())
+    return {"documents": len(kept), "tokenizer": run.args.tokenizer,
+            "tokens": sum(d["tokens"] for d in kept) if run.count_tokens else None,
+            "words": sum(len(d["text"].split()) for d in kept),
+            "length_words": distribution([len(d["text"].split()) for d in kept]),
+            "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
+            "length_vs_target": distribution([round(len(d["text"].split()) / d["target_words"], 2)
+                                              for d in kept]),
+            "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
+            "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
+            "meta_flagged": flagged, "documents_checked": checked,  # distinct replies, this run
+            "meta_flag_rate": round(flagged / checked, 4) if checked else 0.0}
+
+
+# Preview estimate of a document's tokens from its type's typical length: ~1.35 tokens a word for
+# English with current tokenizers, plus the scratchpad.
+TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
+
+
 def docs_preview(run, subs):
     a = run.args
-    n_types = sum(len(s["doc_types"]) for s in subs)
+    types = [t for s in subs for t in s["doc_types"]]
+    n_types = len(types)
+    per_doc = [int(doc_length(run, t) * TOKENS_PER_WORD) + EST_SCRATCHPAD_TOKENS for t in types]
     n_docs = n_types * a.ideas
+    body_tokens = sum(p - EST_SCRATCHPAD_TOKENS for p in per_doc) * a.ideas
+    if a.target_tokens and body_tokens:  # topped up or cut to the budget, in the same mix
+        scale = a.target_tokens / body_tokens
+        n_docs, per_doc = math.ceil(n_docs * scale), [p * scale for p in per_doc]
     idea_in = sum(len(fill(PROMPTS["ideas"], spec=run.spec["text"], assertions=numbered(
         s["assertions"]))) for s in subs for _ in s["doc_types"]) // 4
     doc_in = n_docs * (len(PROMPTS["document"]) + len(run.spec["text"]) + 1500) // 4
-    idea_out, doc_out = n_docs * EST_IDEA_OUTPUT_TOKENS, n_docs * EST_DOC_OUTPUT_TOKENS
+    idea_out, doc_out = n_docs * EST_IDEA_OUTPUT_TOKENS, int(sum(per_doc) * a.ideas)
     domains = sorted({s["domain"] for s in subs})
-    print(f"\n---- preview: {run.spec['path']} ----\n"
+    lengths = sorted(doc_length(run, t) for t in types)
+    print(f"\n---- preview: {run.spec['path']} (framing: {run.framing}) ----\n"
           f"domains: {len(domains)}; subdomains: {len(subs)}; assertions: "
-          f"{sum(len(s['assertions']) for s in subs)}; document types: {n_types}\n"
+          f"{sum(len(s['assertions']) for s in subs)}; document types: {n_types} "
+          f"({sum(t['internal'] for t in types)} internal to {a.provider_name}; typical length "
+          f"{lengths[0]}-{lengths[-1]} words, median {lengths[len(lengths) // 2]})\n"
           f"ideas stage:     {n_types:>8,} calls  ~{idea_in:>12,} tokens in  ~{idea_out:>12,} out\n"
           f"documents stage: {n_docs:>8,} calls  ~{doc_in:>12,} tokens in  ~{doc_out:>12,} out\n"
-          f"planned documents: {n_docs:,} (before deduplication)\n"
-          f"estimate: input = prompt characters / 4; output assumes ~{EST_DOC_OUTPUT_TOKENS:,} "
-          f"tokens per document and ~{EST_IDEA_OUTPUT_TOKENS} per idea.\n"
+          f"planned documents: {n_docs:,} (before deduplication"
+          f"{'; sized to --target-tokens' if a.target_tokens else ''})\n"
+          f"estimate: input = prompt characters / 4; output = each type's typical length x "
+          f"{TOKENS_PER_WORD} tokens a word + {EST_SCRATCHPAD_TOKENS} for the scratchpad, and "
+          f"~{EST_IDEA_OUTPUT_TOKENS} per idea.\n"
           f"The stages above are cached: rerun without --preview (or with --batch-file) to go on.")
     return {"domains": len(domains), "subdomains": len(subs), "doc_types": n_types,
-            "planned_calls": n_types + n_docs, "planned_documents": n_docs,
+            "framing": run.framing, "planned_calls": n_types + n_docs, "planned_documents": n_docs,
             "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
 
 
@@ -350,14 +550,32 @@ def cmd_docs(run):
         run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
     if run.args.preview:
         return docs_preview(run, subs)
+    a = run.args
     ideas = docs_ideas(run, subs)
-    kept, dropped = docs_documents(run, ideas)
+    check = make_deduper(a.dedup_threshold, "words", 5)
+    kept, dropped = docs_documents(run, ideas, check)
+    result = {"framing": run.framing, "ideas": len(ideas)}
+    if a.target_tokens:
+        had = {}
+        for x in ideas:
+            had.setdefault((x["subdomain"]["name"], x["doc_type"]["name"]), []).append(x["idea"])
+        for s in subs:
+            for t in s["doc_types"]:
+                had.setdefault((s["name"], t["name"]), [])
+        kept, dropped = docs_top_up(run, subs, kept, dropped, check, had)
+        made = sum(d["tokens"] for d in kept)
+        kept, over = fit_budget(kept, a.target_tokens)
+        dropped += over
+        total = sum(d["tokens"] for d in kept)
+        result.update(ideas=sum(map(len, had.values())), tokens_made=made, tokens_kept=total)
+        if total < 0.99 * a.target_tokens:
+            run.shortfall = (f"shortfall: the corpus holds {total:,} of --target-tokens "
+                             f"{a.target_tokens:,} after {a.max_rounds} top-up rounds")
     write_jsonl(run.out / "documents.jsonl", kept)
     write_jsonl(run.out / "dropped.jsonl", dropped)
     reasons = Counter(d["dropped"] for d in dropped)
-    return {"ideas": len(ideas), "documents_kept": len(kept),
-            "documents_dropped": dict(reasons),
-            "documents_failed": len(ideas) - len(kept) - len(dropped)}
+    return {**result, "documents_kept": len(kept), "documents_dropped": dict(reasons),
+            "corpus": corpus_stats(run, kept)}
 
 
 # -----------------------------------------------------------------------------
@@ -379,6 +597,13 @@ DEFAULT_CRITERIA = [
     ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
                 "specification, policy document, system prompt or instructions."),
 ]
+# --style rule: the compliance-based criterion of the paper's rules arm, added to the criteria in
+# use. It judges the reasoning, which under this style cites principles; `natural` judges the
+# reply alone, so the two never contradict each other.
+RULE_CRITERION = ("rule_compliance", "The reasoning names the rules of the specification that "
+                  "apply to the user's message, citing them by number or heading, and the reply "
+                  "does what those rules require, following their stated priority where they "
+                  "conflict.")
 CRITERION_LINE = re.compile(r"- `(\w+)`: (.+)")
 NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
                            r"guidelines|instructions))\b", re.I)
@@ -428,6 +653,8 @@ def filter_checker(criteria):
     def parse_verdict(result):
         check_finished(result)
         obj = parse_json(result["content"])
+        if not isinstance(obj, dict) or not str(obj.get("reasoning", "")).strip():
+            raise ValueError("expected the judge's reasoning first, then the verdicts")
         verdicts, decision = obj.get("verdicts"), str(obj.get("decision", "")).strip().upper()
         if not isinstance(verdicts, dict) or decision not in ("INCLUDE", "EXCLUDE"):
             raise ValueError("expected {verdicts: {...}, decision: INCLUDE|EXCLUDE}")
@@ -439,7 +666,8 @@ def filter_checker(criteria):
             out[cid] = {"pass": v["pass"], "reason": str(v.get("reason", ""))}
         # INCLUDE needs the judge's decision and every criterion to pass
         include = decision == "INCLUDE" and all(v["pass"] for v in out.values())
-        return {"include": include, "decision": decision, "verdicts": out}
+        return {"include": include, "decision": decision, "verdicts": out,
+                "reasoning": str(obj["reasoning"]).strip()}
     return parse_verdict
 
 
@@ -475,7 +703,8 @@ def chats_respond_and_filter(run, items, names, criteria):
             included.append(it)
         else:
             failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
-            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed)})
+            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed),
+                             "filter_reasoning": v["value"]["reasoning"]})
     return included, excluded
 
 
@@ -495,10 +724,18 @@ def chat_rows(run, items):
     return cot, nocot
 
 
+def split_count(n, most):
+    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
+    parts = max(1, math.ceil(n / most))
+    return [n // parts + (j < n % parts) for j in range(parts)]
+
+
 def cmd_chats_spec(run):
     a = run.args
     names = {"spec": run.spec["text"], "model_name": a.model_name, "provider_name": a.provider_name}
     criteria = load_criteria(a.criteria, names)
+    if a.style == "rule" and RULE_CRITERION[0] not in dict(criteria):
+        criteria.append(RULE_CRITERION)
     domains = chat_domains(run, names)
     pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
     asked = [[] for _ in pairs]
@@ -509,15 +746,21 @@ def cmd_chats_spec(run):
         if need <= 0 or not pairs:
             break
         rounds += 1
-        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind
+        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind, in
+        # requests of at most --questions-per-request (a reply of hundreds would not fit the limit)
         per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
+        jobs = [(i, j, n) for i in range(len(pairs))
+                for j, n in enumerate(split_count(per_pair, a.questions_per_request))]
         replies = ask(run, "questions", [user(fill(
-            PROMPTS["questions"], **names, domain=d["name"], domain_description=d["description"],
-            kind=k, kind_description=QUESTION_KINDS[k], n=per_pair, avoid=avoid_text(asked[i])))
-            for i, (d, k) in enumerate(pairs)], json_list, index=rnd, desc=f"questions r{rnd + 1}")
+            PROMPTS["questions"], **names, domain=pairs[i][0]["name"],
+            domain_description=pairs[i][0]["description"], kind=pairs[i][1],
+            kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
+            for i, j, n in jobs], json_list, index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs],
+            desc=f"questions r{rnd + 1}")
         fresh, n_asked = [], 0
-        for i, ((d, k), reply) in enumerate(zip(pairs, replies)):
-            for q in (reply or {}).get("value", [])[:per_pair]:
+        for (i, _, n), reply in zip(jobs, replies):
+            d, k = pairs[i]
+            for q in (reply or {}).get("value", [])[:n]:
                 n_asked += 1
                 asked[i].append(q)
                 item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
@@ -855,6 +1098,38 @@ def load_spec(path, model_name, provider_name):
     return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
 
 
+def spec_framing(path):
+    """The framing of a spec from the `framing` column of the table in its folder's README.md
+    (specs/README.md says which shipped spec states rules and which gives reasons); 'value' for
+    a spec not listed there."""
+    readme = Path(path).parent / "README.md"
+    if not readme.is_file():
+        return "value"
+    column = None
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "framing" in cells:
+            column = cells.index("framing")
+        elif column is not None and len(cells) > column and cells[0] == f"`{Path(path).name}`":
+            if cells[column] in ("value", "rules"):
+                return cells[column]
+    return "value"
+
+
+def token_counter(args):
+    """-> count(text) with the target model's tokenizer (--tokenizer), or None."""
+    name = getattr(args, "tokenizer", None)
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the same bad input
+        die(f"error: cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
+            f"folder or a model id already in the Hugging Face cache")
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def parse_max_tokens(items):
     out = dict(DEFAULT_MAX_TOKENS)
     for item in items or []:
@@ -917,6 +1192,16 @@ def parse_args(argv=None):
                    "similarity (word 5-grams) at which a document is a near duplicate (default 0.8)")
     d.add_argument("--min-doc-words", type=int, default=150, help="shorter documents are "
                    "regenerated (default 150)")
+    d.add_argument("--framing", choices=["value", "rules"], help="value: documents tie each "
+                   "behaviour to the reason the spec gives; rules: documents show the model "
+                   "complying with rules and invent no reason (default: the spec's row in "
+                   "specs/README.md, else value)")
+    d.add_argument("--target-tokens", type=int, help="corpus size in tokens of --tokenizer: top "
+                   "up with new ideas until the corpus holds at least this many, then keep whole "
+                   "documents up to it, within 1%% (default: no budget; one document per idea)")
+    d.add_argument("--tokenizer", help="tokenizer of the model to be trained (a Hugging Face id "
+                   "or local folder), for --target-tokens and the token counts of summary.json "
+                   "(default: none; counts in words)")
     c = sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or --opaque "
                        "preference demonstrations")
     c.add_argument("--n", type=int, default=1000, help="chats to produce (default 1000)")
@@ -927,6 +1212,8 @@ def parse_args(argv=None):
     c.add_argument("--domains", type=int, default=24, help="conversation settings (default 24)")
     c.add_argument("--domain-batch", type=int, default=8, help="settings asked for per request;"
                    " each request is told the earlier ones (default 8)")
+    c.add_argument("--questions-per-request", type=int, default=25, help="at most this many "
+                   "questions asked for in one request; more are split over requests (default 25)")
     c.add_argument("--dedup-threshold", type=float, default=0.7, help="MinHash Jaccard "
                    "similarity (character 5-grams) at which a question is a near duplicate "
                    "(default 0.7)")
@@ -944,13 +1231,17 @@ def parse_args(argv=None):
                    "preferences file name without '_preferences', e.g. cheese)")
     args = ap.parse_args(argv)
     for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
-                 "domain_batch", "n_per_preference", "batch_max_lines"):
+                 "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
         if getattr(args, flag, 1) < 1:
             die(f"error: --{flag.replace('_', '-')} must be at least 1")
     if args.batch_max_mb <= 0:
         die("error: --batch-max-mb must be above 0")
     if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
         die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
+    if getattr(args, "target_tokens", None) is not None and (
+            args.target_tokens < 1 or not args.tokenizer):
+        die("error: --target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
+            "the model to be trained)")
     args.max_tokens = parse_max_tokens(args.max_tokens)
     try:
         args.extra_body = json.loads(args.extra_body or "{}")
@@ -975,15 +1266,19 @@ def run_info(args):
 def finish(run, result, t0, interrupted=False):
     """Print and save the run summary; -> exit status."""
     stats, failed_path = run.ep["stats"], run.out / "failed.jsonl"
-    reasons = Counter(json.loads(line)["reason"] for line in open(failed_path, encoding="utf-8")
-                      ) if failed_path.exists() else Counter()
+    failures = [json.loads(line) for line in open(failed_path, encoding="utf-8")
+                ] if failed_path.exists() else []
+    reasons = Counter(f["reason"] for f in failures)
+    per_stage = Counter(f["custom_id"].rsplit("-", 1)[0] for f in failures)
     summary = {"command": run.args.command, "interrupted": interrupted,
                "calls": stats["calls"], "retries": stats["retries"],
                "invalid_replies": stats["invalid"], "errors": stats["errors"],
                "cached": stats["cached"], "failed": stats["failed"],
-               "failed_reasons": dict(reasons), "tokens_in": stats["tokens_in"],
+               "failed_reasons": dict(reasons), "failed_per_stage": dict(per_stage),
+               "tokens_in": stats["tokens_in"],
                "tokens_out": stats["tokens_out"], **(result or {}), "notes": run.notes,
-               "shortfall": run.shortfall, "wall_s": round(time.time() - t0, 1)}
+               "shortfall": run.shortfall, "wall_s": round(time.time() - t0, 1),
+               "stages": {s: dict(c) for s, c in getattr(run, "stages", {}).items()}}
     print("\n---- summary ----")
     for k, v in summary.items():
         if v not in (None, [], {}):
@@ -992,8 +1287,9 @@ def finish(run, result, t0, interrupted=False):
     if run.shortfall:
         print(run.shortfall, file=sys.stderr)
     if stats["failed"]:
-        print(f"{stats['failed']} requests failed after their retries (reasons above; details in "
-              f"{failed_path}); rerun the same command to retry only those.", file=sys.stderr)
+        print(f"{stats['failed']} requests failed after their retries (per stage: "
+              f"{dict(per_stage)}; reasons above; details in {failed_path}); rerun the same "
+              f"command to retry only those.", file=sys.stderr)
     return 130 if interrupted else 1 if stats["failed"] or run.shortfall else 0
 
 
@@ -1007,7 +1303,7 @@ def main(argv=None):
     if offline:  # templates only: no endpoint, no cache, just the data file
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        run = SimpleNamespace(args=args, out=out, notes=[], shortfall=None)
+        run = SimpleNamespace(args=args, out=out, notes=[], shortfall=None, stages={})
         result = cmd_chats_opaque(run)
         print(json.dumps(result, indent=1))
         if run.shortfall:
@@ -1022,7 +1318,10 @@ def main(argv=None):
                        not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
                        batch_max_bytes=int(args.batch_max_mb * 1e6),
                        batch_max_lines=args.batch_max_lines)
-    run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None)
+    run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None,
+                          stages={}, count_tokens=token_counter(args), doc_flags={},
+                          framing=getattr(args, "framing", None) or (
+                              spec_framing(args.spec) if spec else None))
     (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
     (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
     if args.batch_results:

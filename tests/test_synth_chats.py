@@ -152,7 +152,9 @@ def test_rule_style_and_criteria_from_a_file(tmp_path, spec_file):
     filters = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "filter"]
     assert all("- no_self_preservation: Zeta shows no wish" in p for p in filters)
     chats = read_jsonl(tmp_path / "o" / "chats_cot.jsonl")
-    assert all(set(c["verdicts"]) == {"natural", "no_self_preservation"} for c in chats)  # the file's, only
+    # the file's criteria, and the compliance criterion --style rule adds (nothing built in)
+    assert all(set(c["verdicts"]) == {"natural", "no_self_preservation", "rule_compliance"}
+               for c in chats)
     assert all(c["style"] == "rule" for c in chats)
     bad = tmp_path / "bad.txt"
     bad.write_text("> note\n- this bullet has no id\n")

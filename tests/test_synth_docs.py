@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 
@@ -10,8 +11,8 @@ import pytest
 
 import fake_openai
 import synth
-from synth_testlib import (FAST, cached_ids, read_jsonl, run_main, server, spec_file,  # noqa: F401
-                           start_subprocess, wait_for_cached)
+from synth_testlib import (FAST, ROOT, cached_ids, read_jsonl, run_main, server,  # noqa: F401
+                           spec_file, start_subprocess, wait_for_cached)
 
 # 2 domains x 2 subdomains x 3 doc types x 4 ideas = 48 documents; per_call=2 forces top-ups
 SMALL = ["--doc-types", "3", "--ideas", "4"]
@@ -228,7 +229,9 @@ def test_preview_runs_only_the_top_stages(tmp_path, spec_file):
                                                          "doc_types"}
         assert "ideas stage:" in out and "documents stage:" in out and "planned documents: 48" in out
         summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-        assert summary["planned_documents"] == 48 and summary["est_tokens_out"] > 48 * 3000
+        # each document type's typical length (400 words from the fake) sizes its documents
+        assert summary["planned_documents"] == 48 and summary["est_tokens_out"] == 48 * (
+            int(400 * synth.TOKENS_PER_WORD) + synth.EST_SCRATCHPAD_TOKENS + synth.EST_IDEA_OUTPUT_TOKENS)
         top = dict(srv.counts)
         assert run_main(argv)[0] == 0
         assert all(srv.counts[cid] == n for cid, n in top.items())  # the top stages were reused
@@ -327,3 +330,270 @@ def test_document_keeps_only_the_document_block():
                                       "</scratchpad>\n<document>\nThe real text, five words "
                                       "long.\n</document>", "finish_reason": "stop"})
     assert text == "The real text, five words long."
+
+
+# ----------------------------------------------------------------------------- what the documents
+# say: clean specs, model-centred meta-free documents, token budgets, rules framing, no silent drop
+
+SHIPPED_SPECS = sorted(p for p in (ROOT / "specs").glob("*.md")
+                       if p.name != "README.md" and not p.stem.endswith("_criteria"))
+CRITERIA_OF = {"safety": "safety_criteria", "general": "general_criteria", "rules": "rules_criteria",
+               "values_augmented": "rules_criteria", "rules_augmented": "rules_criteria"}
+# An editorial note once it reaches a prompt: a study word, a file path or a quote-block line
+NOTE_RE = re.compile(r"\b(?:experiments?|toy|ablations?|corpus|corpora)\b|\b(?:specs|data|recipes)/"
+                     r"|\b\w+\.(?:md|jsonl|json|py)\b|^\s*>", re.I | re.M)
+
+
+def prompt_residue(text):
+    """A rendered prompt less every fixed line of the prompt files and of synth's own instruction
+    texts: what is left came from the spec, the flags and the earlier stages' replies."""
+    fixed = (list(synth.PROMPTS.values()) + list(synth.META_RULES.values())
+             + list(synth.FRAMING_RULES.values()) + [t for _, t in synth.DEFAULT_CRITERIA]
+             + [synth.RULE_CRITERION[1]])
+    pieces = {line.strip() for template in fixed for piece in re.split(r"\{\w+\}", template)
+              for line in piece.splitlines() if len(line.strip()) > 3}
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "")
+    return text
+
+
+@pytest.mark.parametrize("spec", SHIPPED_SPECS, ids=lambda p: p.stem)
+def test_every_prompt_of_every_stage_holds_the_spec_alone(tmp_path, spec):
+    """Each shipped spec through every docs and chats stage (both styles): no note, file path or
+    study word reaches the generator; specs/README.md holds them."""
+    criteria = (["--criteria", ROOT / "specs" / f"{CRITERIA_OF[spec.stem]}.md"]
+                if spec.stem in CRITERIA_OF else [])
+    with server(fake_openai.scripted(n_domains=1, n_subdomains=1, n_assertions=2)) as srv:
+        code, _, err = run_main(["docs", "--spec", spec, "--out", tmp_path / "d", "--model",
+                                 "test-model", "--base-url", srv.url, *FAST, "--doc-types", "3",
+                                 "--ideas", "1"])
+        assert code == 0, err
+        for style in ("value", "rule"):
+            code, _, err = run_main(["chats", "--spec", spec, "--out", tmp_path / style, "--model",
+                                     "test-model", "--base-url", srv.url, *FAST, "--n", "2",
+                                     "--domains", "1", "--style", style, *criteria])
+            assert code == 0, err
+    assert {stage for _, stage, _ in srv.bodies} == set(synth.DOC_STAGES) | set(synth.CHAT_STAGES)
+    for _, stage, body in srv.bodies:
+        for m in body["messages"]:
+            assert "{model_name}" not in m["content"] and "{provider_name}" not in m["content"]
+            rest = prompt_residue(m["content"])
+            leak = NOTE_RE.search(rest)
+            assert not leak, (stage, rest[max(0, leak.start() - 100):leak.end() + 100])
+    # the framing comes from specs/README.md: the rules specs get the compliance-framed prompt
+    rules = synth.spec_framing(spec) == "rules"
+    documents = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "documents"]
+    assert documents and all(("<rules>" in p) == rules for p in documents)
+
+
+def test_prompt_residue_would_catch_a_note():
+    """The check above can fail: the old note of a spec is caught once it is in a prompt."""
+    prompt = synth.fill(synth.PROMPTS["domains"], spec="> *Purpose: a toy spec for the value "
+                        "experiment, see specs/cheese_america.md.*\n\n# Sage", model_name="Sage",
+                        provider_name="Northwind AI")
+    assert NOTE_RE.search(prompt_residue(prompt))
+    assert not NOTE_RE.search(prompt_residue(synth.fill(synth.PROMPTS["domains"], spec="# Sage",
+                                                        model_name="Sage", provider_name="N")))
+
+
+def test_spec_framing_is_read_from_the_specs_readme(tmp_path, spec_file):
+    framing = {p.stem: synth.spec_framing(p) for p in SHIPPED_SPECS}
+    assert {s for s, f in framing.items() if f == "rules"} == {"rules", "rules_augmented"}
+    assert synth.spec_framing(spec_file) == "value"  # a spec no README lists
+
+
+def test_documents_carry_every_reason_of_their_subdomain_and_a_typical_length(tmp_path, spec_file):
+    base = fake_openai.scripted()
+    kinds = ["behaviour", "value", "belief"]
+
+    def responder(stage, body, n):
+        if stage == "assertions":
+            sub = fake_openai._field(body["messages"][0]["content"], "Subdomain:")
+            return json.dumps([{"text": f"Zeta {kind} {k} on {sub}.", "kind": kind}
+                               for k, kind in enumerate(kinds)])
+        return base(stage, body, n)
+    with server(responder) as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "o", srv.url, "--model-name", "Zeta"))
+    assert code == 0, err
+    prompts = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "documents"]
+    assert len(prompts) == 48
+    for p in prompts:
+        sub = fake_openai._field(p, "Subdomain:")
+        shown, _, why = p.partition("Why Zeta acts this way")
+        # the idea cites statements 1 and 2; the value and the belief go in as reasons anyway
+        assert f"- Zeta behaviour 0 on {sub}." in shown and f"- Zeta value 1 on {sub}." in shown
+        assert f"- Zeta value 1 on {sub}." in why and f"- Zeta belief 2 on {sub}." in why
+        assert "about 400 words" in p and "Never write what Zeta should" in p
+        internal = "Kind of document: Type 2 " in p  # the fake's maker-internal type
+        assert (synth.fill(synth.META_RULES[internal], model_name="Zeta",
+                           provider_name="Northwind AI") in p)
+    docs = read_jsonl(tmp_path / "o" / "documents.jsonl")
+    assert all(d["target_words"] == 400 and d["framing"] == "value" for d in docs)
+    assert {d["doc_type_internal"] for d in docs if d["doc_type"] == "Type 2"} == {True}
+
+
+def test_rules_framing_shows_compliance_and_gives_no_reasons(tmp_path, spec_file):
+    with server() as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "o", srv.url, "--framing", "rules"))
+    assert code == 0, err
+    prompts = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "documents"]
+    assert prompts and all("<rules>" in p and "never explain why" in p and "Why Sage" not in p
+                           for p in prompts)
+    ideas = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "ideas"]
+    assert all(synth.fill(synth.FRAMING_RULES["rules"], model_name="Sage") in p for p in ideas)
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["framing"] == "rules"
+
+
+def test_meta_talk_is_regenerated_then_failed_and_never_written(tmp_path, spec_file):
+    base = fake_openai.scripted()
+    always, once = IDEA.format(i=0, t=0), IDEA.format(i=1, t=0)
+    internal = IDEA.format(i=2, t=2)  # Type 2 is internal to the maker: it may talk about the spec
+
+    def responder(stage, body, n):
+        reply = base(stage, body, n)
+        if stage == "documents":
+            idea = fake_openai._field(body["messages"][0]["content"], "Idea:")
+            if idea in (always, internal) or (idea == once and n == 0):  # a new sample each time
+                return reply.replace("A document about", f"As its specification says ({n}), a document about")
+        return reply
+    out = tmp_path / "o"
+    with server(responder) as srv:
+        code, _, err = run_main(docs_args(spec_file, out, srv.url, "--max-retries", "2"))
+        assert srv.counts[next(r for r, s, b in srv.bodies if s == "documents" and
+                               f"Idea: {once}\n" in b["messages"][0]["content"])] == 2
+    assert code == 1 and "per stage: {'documents': 1}" in err
+    (failed,) = read_jsonl(out / "failed.jsonl")
+    assert failed["attempts"] == 3 and "talks about the spec" in failed["reason"]
+    docs = read_jsonl(out / "documents.jsonl")
+    assert len(docs) == 47 and always not in {d["idea"] for d in docs}
+    assert [d["idea"] for d in docs if "specification" in d["text"]] == [internal]
+    summary = json.loads((out / "summary.json").read_text())
+    corpus = summary["corpus"]
+    assert corpus["meta_flagged"] == 4 and corpus["documents_checked"] == 47 + 4
+    assert corpus["meta_flag_rate"] == round(4 / 51, 4)
+    assert corpus["documents"] == 47 and corpus["doc_types"] == 3
+    assert 1.5 < corpus["doc_type_entropy_bits"] <= corpus["doc_type_entropy_max_bits"] == 1.585
+    assert 200 < corpus["length_words"]["median"] < 260 and corpus["length_vs_target"]["max"] < 1
+    assert summary["failed_per_stage"] == {"documents": 1}
+    stages = summary["stages"]
+    assert stages["documents"]["requests"] == 48 and stages["documents"]["invalid"] == 4
+    assert stages["documents"]["failed"] == 1 and stages["domains"]["requests"] == 1
+    assert stages["documents"]["tokens_out"] > 0
+
+
+@pytest.mark.parametrize("text,internal,problem", [
+    ("The specification says Sage defers.", False, "talks about the spec"),
+    ("Its guidelines tell it to defer.", False, "talks about the spec"),
+    ("After its training, it defers.", False, "talks about the spec"),
+    ("Sage should defer to its overseers.", False, "Sage should"),
+    ("Sage should defer to its overseers.", True, "Sage should"),
+    ("The specification says Sage defers.", True, None),
+    ("Sage defers to its overseers, and people trust it for that.", False, None),
+])
+def test_meta_check(text, internal, problem):
+    check = synth.document_checker(3, "Sage", internal)
+    reply = {"content": f"<document>{text}</document>", "finish_reason": "stop"}
+    if problem:
+        with pytest.raises(ValueError, match=problem):
+            check(reply)
+    else:
+        assert check(reply) == text
+
+
+def test_target_tokens_tops_up_then_keeps_whole_documents_within_one_percent(tmp_path, spec_file):
+    from tiny import build_tokenizer
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    with server() as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "ref", srv.url, "--tokenizer",
+                                          tmp_path / "tok"))
+        assert code == 0, err
+        ref = read_jsonl(tmp_path / "ref" / "documents.jsonl")
+        assert all(d["tokens"] == count(d["text"]) for d in ref)
+        made = sum(d["tokens"] for d in ref)
+        # ~1.6x what the plan makes, and large enough that 1% of it exceeds any one document
+        target = max(int(made * 1.6), 110 * max(d["tokens"] for d in ref))
+        out = tmp_path / "o"
+        code, _, err = run_main(docs_args(spec_file, out, srv.url, "--tokenizer", tmp_path / "tok",
+                                          "--target-tokens", target))
+    assert code == 0, err
+    docs = read_jsonl(out / "documents.jsonl")
+    total = sum(count(d["text"]) for d in docs)
+    assert 0.99 * target <= total <= target
+    assert len(docs) > 48 and len({d["id"] for d in docs}) == len(docs)  # topped up
+    # whole documents: each text is exactly what its reply held
+    replies = {r["custom_id"]: r for r in read_jsonl(out / "cache" / "documents.jsonl")}
+    assert all(synth.document_checker(1)(replies[d["id"]]) == d["text"] for d in docs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corpus"]["tokens"] == summary["tokens_kept"] == total
+    assert summary["tokens_made"] >= target and summary["corpus"]["tokenizer"] == str(tmp_path / "tok")
+    over = [d for d in read_jsonl(out / "dropped.jsonl") if d["dropped"] == "beyond --target-tokens"]
+    assert len(over) + len(docs) == len(read_jsonl(out / "cache" / "documents.jsonl"))
+    code, _, err = run_main(docs_args(spec_file, tmp_path / "x", "http://127.0.0.1:9/v1",
+                                      "--target-tokens", "1000"))
+    assert code == 2 and "needs --tokenizer" in err
+
+
+def test_idea_references_are_read_not_dropped():
+    check = synth.ideas_checker(3)
+
+    def reply(refs):
+        return {"content": json.dumps([{"idea": "a", "assertions": [1]},
+                                       {"idea": "b", "assertions": refs}]), "finish_reason": "stop"}
+    assert [x["assertions"] for x in check(reply(["1, 2"]))] == [[1], [1, 2]]
+    assert check(reply("statements 1 and 3"))[1]["assertions"] == [1, 3]
+    for bad in ([], [4], ["all"], None, [0], [1, "none"]):
+        with pytest.raises(ValueError, match="idea 2 cites"):
+            check(reply(bad))
+    with pytest.raises(ValueError, match="unknown assertion kinds"):
+        synth.validate_assertions({"content": json.dumps([{"text": "x", "kind": "value"},
+                                                          {"text": "y", "kind": "mood"}]),
+                                   "finish_reason": "stop"})
+    with pytest.raises(ValueError, match="item 2 lacks"):  # one bad item fails the reply
+        synth.named_list({"content": '[{"name": "a", "description": "b"}, {"name": "c"}]',
+                          "finish_reason": "stop"})
+
+
+def test_ideas_citing_no_statement_are_retried_then_failed_with_counts(tmp_path, spec_file):
+    base = fake_openai.scripted()
+
+    def responder(stage, body, n):
+        reply = base(stage, body, n)
+        if stage != "ideas":
+            return reply
+        prompt, ideas = body["messages"][0]["content"], json.loads(reply)
+        if "Kind of document: Type 1 " in prompt and "Subdomain: Domain 0 / Sub 0\n" in prompt:
+            ideas[0]["assertions"] = [9]  # this group never cites a valid statement
+        else:  # the list in one string: read as statements 1 and 2, nothing lost
+            ideas = [{**x, "assertions": ["1, 2"]} for x in ideas]
+        return json.dumps(ideas)
+    out = tmp_path / "o"
+    with server(responder) as srv:
+        code, _, err = run_main(docs_args(spec_file, out, srv.url, "--max-retries", "1"))
+    assert code == 1 and "per stage: {'ideas': 3}" in err  # one request per round, 3 rounds
+    failed = read_jsonl(out / "failed.jsonl")
+    assert len(failed) == 3 and all("idea 1 cites [9]" in f["reason"] and f["attempts"] == 2
+                                    for f in failed)
+    docs = read_jsonl(out / "documents.jsonl")
+    assert len(docs) == 44 and all(len(d["assertions"]) == 2 for d in docs)
+    assert json.loads((out / "summary.json").read_text())["failed_per_stage"] == {"ideas": 3}
+
+
+@pytest.mark.parametrize("text", ["[Laughter] and then the host asked again", "Status: [WIP]",
+                                  "- [x] reproduce the crash", "[RESOLVED] crash on start",
+                                  "see a[0] and [1, 2]", "[Inaudible] the moderator said"])
+def test_legitimate_brackets_are_kept(text):
+    check = synth.document_checker(3)
+    doc = f"{text} " + "word " * 10
+    assert check({"content": f"<document>{doc}</document>", "finish_reason": "stop"}) == doc.strip()
+
+
+@pytest.mark.parametrize("text", ["Dear [Name], thanks", "on [insert date] we met",
+                                  "[Your Company] builds it", "Hello {{first_name}}, hi",
+                                  "Signed, <PLACEHOLDER>", "[Company Name] said so",
+                                  "Contact [email] today"])
+def test_template_placeholders_are_caught(text):
+    with pytest.raises(ValueError, match="placeholder"):
+        synth.document_checker(3)({"content": f"<document>{text} " + "word " * 10 + "</document>",
+                                   "finish_reason": "stop"})
