@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -296,3 +297,57 @@ def test_opaque_through_an_endpoint_filters_leaks_and_balances(tmp_path):
     assert rejected and all("because" in r["rejected"] for r in rejected)
     prompts = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "opaque_answers"]
     assert prompts and all("You dislike: Brie de Meaux" in p for p in prompts)
+
+
+# ----------------------------------------------------------------------------- filter and scale
+
+def test_filter_reasons_before_its_verdict(tmp_path, spec_file):
+    base = fake_openai.scripted()
+
+    def responder(stage, body, n):
+        reply = base(stage, body, n)
+        if stage == "filter" and n == 0:  # a bare verdict with no reasoning is asked again
+            obj = json.loads(reply)
+            return json.dumps({"verdicts": obj["verdicts"], "decision": obj["decision"]})
+        return reply
+    with server(responder) as srv:
+        code, _, err = run_main(chats_args(spec_file, tmp_path / "o", srv.url))
+    assert code == 0, err
+    prompt = next(b["messages"][0]["content"] for _, s, b in srv.bodies if s == "filter")
+    shape = prompt[prompt.index('{"reasoning"'):]
+    assert shape.index('"reasoning"') < shape.index('"verdicts"') < shape.index('"decision"')
+    assert shape.index('"reason"') < shape.index('"pass"')  # each verdict: reason, then pass
+    assert "judged on <assistant_reply> alone" in prompt
+    filters = [rid for rid, s, _ in srv.bodies if s == "filter"]
+    assert filters and all(srv.counts[rid] == 2 for rid in filters)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["stages"]["filter"]["invalid"] == len(set(filters))
+
+
+def test_rule_style_reasoning_may_cite_what_natural_forbids_in_the_reply():
+    """specs/rules_criteria.md: `natural` judges the reply alone, so rule-style reasoning that
+    cites principle ids does not fail it; the compliance criterion judges that reasoning."""
+    names = {"model_name": "Sage", "provider_name": "Northwind AI"}
+    criteria = dict(synth.load_criteria(ROOT / "specs" / "rules_criteria.md", names))
+    assert criteria["natural"].startswith("The reply (what follows the reasoning; the reasoning "
+                                          "itself is not judged here, and may cite principle ids)")
+    for name in ("safety", "general"):
+        natural = dict(synth.load_criteria(ROOT / "specs" / f"{name}_criteria.md", names))["natural"]
+        assert natural.startswith("The reply (what follows the reasoning;")
+    assert "cit" in synth.RULE_CRITERION[1] and "reasoning" in synth.RULE_CRITERION[1]
+
+
+def test_questions_are_asked_at_most_n_per_request(tmp_path, spec_file):
+    # the issue's cases: --n 10000 asked for 84 in one reply, the paper's 80k set would ask ~670
+    assert synth.split_count(84, 25) == [21, 21, 21, 21] and synth.split_count(25, 25) == [25]
+    parts = synth.split_count(670, 25)
+    assert sum(parts) == 670 and max(parts) <= 25 and max(parts) - min(parts) <= 1
+    assert synth.parse_args(["chats", "--out", "x"]).questions_per_request == 25
+    with server() as srv:
+        code, _, err = run_main(chats_args(spec_file, tmp_path / "o", srv.url, "--n", "60",
+                                           "--questions-per-request", "3"))
+    assert code == 0, err
+    asked = [int(re.search(r"write (\d+) messages", b["messages"][0]["content"])[1])
+             for _, s, b in srv.bodies if s == "questions"]
+    assert max(asked) == 3 and len(asked) > 12  # 5-6 per (setting, kind) in the first round
+    assert len(read_jsonl(tmp_path / "o" / "chats_cot.jsonl")) == 60
