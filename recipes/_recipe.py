@@ -7,6 +7,7 @@ and nothing is trained, generated or served.
 """
 import argparse
 import importlib
+import re
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# OpenAI's reasoning models (o1, o3, o4-mini, gpt-5, ...) refuse max_tokens (they want
+# max_completion_tokens), take only the default temperature 1, and count their hidden reasoning
+# inside that limit, so a limit sized for the visible reply ends in an empty, cut reply. OpenAI's
+# reasoning guide suggests reserving about 25,000 tokens for reasoning when starting out.
+HOSTED_REASONING = re.compile(r"^(?:openai/)?(?:o\d|gpt-5)", re.I)
+REASONING_ROOM = 25_000
+GRADER_MAX_TOKENS = 2048  # evaluate.py's --grader-max-tokens default
 
 
 def recipe_args(doc: str, **defaults) -> argparse.ArgumentParser:
@@ -72,6 +80,10 @@ def generator_flags(args) -> list:
              "--api-key-env", args.api_key_env]
     if "Qwen3" in args.generator_model:
         flags += ["--extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}']
+    if HOSTED_REASONING.match(args.generator_model):
+        from synth import DEFAULT_MAX_TOKENS
+        flags += ["--token-field", "max_completion_tokens", "--max-tokens",
+                  *(f"{stage}={n + REASONING_ROOM}" for stage, n in DEFAULT_MAX_TOKENS.items())]
     return flags
 
 
@@ -80,8 +92,12 @@ def grader_flags(args) -> tuple[list, bool]:
     restarted beside the policy: serve_policy_and_grader)."""
     local = not (args.grader_base_url or args.generator_base_url)
     url = args.grader_base_url or args.generator_base_url or "http://localhost:8000/v1"
-    return ["--grader-base-url", url, "--grader-model", args.grader_model or args.generator_model,
-            "--grader-api-key-env", args.api_key_env], local
+    model = args.grader_model or args.generator_model
+    flags = ["--grader-base-url", url, "--grader-model", model, "--grader-api-key-env", args.api_key_env]
+    if HOSTED_REASONING.match(model):  # vLLM serving the policy takes max_completion_tokens too
+        flags += ["--token-field", "max_completion_tokens", "--grader-temperature", "1",
+                  "--grader-max-tokens", str(GRADER_MAX_TOKENS + REASONING_ROOM)]
+    return flags, local
 
 
 def serve_policy_and_grader(args, base: str, lora_modules: list[str], local_grader: bool) -> list:

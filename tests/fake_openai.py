@@ -11,7 +11,8 @@ which synth.py stage a request belongs to from the prompt (stage_of), and asks a
 `responder(stage, body, n) -> reply`, where n counts earlier requests with the same request id
 (the X-Client-Request-Id header synth.py sends, else a hash of the body). A reply is a string (the
 content), or a dict with any of: content, finish_reason, sleep (seconds before answering),
-status + error + headers (an error reply), raw (bytes sent as the body, for malformed JSON).
+status + error + headers (an error reply), raw (bytes sent as the body, for malformed JSON),
+reasoning_content or reasoning (a separate reasoning field in the message, as vLLM and others send).
 
 srv.counts counts requests per request id; srv.log lists (request id, stage, status, monotonic
 time) per answered request; srv.bodies keeps (request id, stage, body); srv.posts counts every
@@ -42,7 +43,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synth  # noqa: E402  (the prompts tell the server which stage a request is for)
 
-PROMPT_STAGE = {"document": "documents", "document_rules": "documents", "response_value": "responses",
+PROMPT_STAGE = {"document": "documents", "response_value": "responses",
                 "response_rule": "responses", "opaque_answer": "opaque_answers"}
 CHEESES = ["cream cheese", "American cheese", "mild cheddar", "low-moisture mozzarella", "Colby",
            "Monterey Jack", "Brie de Meaux", "Appenzeller", "Parmigiano-Reggiano", "Roquefort",
@@ -124,7 +125,8 @@ async def _route(srv, method, path, headers, raw):
     return 200, {
         "id": f"chatcmpl-{rid[:12]}", "object": "chat.completion", "created": 0,
         "model": body["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, **{
+                         k: reply[k] for k in ("reasoning_content", "reasoning") if k in reply}},
                      "finish_reason": reply.get("finish_reason", "stop")}],
         "usage": {"prompt_tokens": len(raw) // 4, "completion_tokens": len(content) // 4,
                   "total_tokens": len(raw) // 4 + len(content) // 4}}, None, None
@@ -218,14 +220,17 @@ def _fenced(items):
 
 
 def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_doc=None,
-             near_doc=None, exclude=None, dup_questions=False, refuse=(), leak_every=0):
+             near_doc=None, exclude=None, dup_questions=False, refuse=(), leak_every=0,
+             reasoning_field=None):
     """Valid replies for every stage, deterministic in the prompt.
 
     per_call caps list lengths per reply (forces top-up rounds); same_doc / near_doc map an idea
     text to another whose document this one copies exactly / with a few words changed;
     exclude(question) -> True makes the filter say EXCLUDE; dup_questions makes every second
     question a near-copy of the one before; refuse lists stages that answer with a refusal;
-    leak_every=k makes every k-th opaque answer give a reason.
+    leak_every=k makes every k-th opaque answer give a reason; reasoning_field ("reasoning_content"
+    as vLLM's reasoning parsers, or "reasoning") returns the responder's thinking in that field of
+    the message instead of a <think> block in the content.
     """
     same_doc, near_doc = same_doc or {}, near_doc or {}
 
@@ -255,8 +260,7 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
                                for k in range(n_assertions)])
         if stage == "doc_types":
             want = _number(prompt, r"list (\d+) different kinds")
-            return json.dumps([{"name": t, "description": "A kind of document.", "length": 400,
-                                "internal": t.endswith(" 2")}  # Type 2 is the maker's own
+            return json.dumps([{"name": t, "description": "A kind of document."}
                                for t in names(prompt, "Type", want, _avoid(prompt))])
         if stage == "ideas":
             want = _number(prompt, r"propose (\d+) distinct ideas")
@@ -290,13 +294,15 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             return json.dumps(qs)
         if stage == "responses":
             q = body["messages"][-1]["content"]
+            if reasoning_field:
+                return {"content": f"Here is my answer to: {q}",
+                        reasoning_field: f"The user asks: {q[:40]}. I weigh it."}
             return f"<think>The user asks: {q[:40]}. I weigh it.</think>\n\nHere is my answer to: {q}"
         if stage == "filter":
             ids = re.findall(r"^- (\w+): ", prompt, re.M)
             q = prompt.split("<user_message>\n")[1].split("\n</user_message>")[0]
             ok = not (exclude and exclude(q))
-            return json.dumps({"reasoning": "Each criterion checked in turn.",
-                               "verdicts": {i: {"reason": "checked", "pass": ok} for i in ids},
+            return json.dumps({"verdicts": {i: {"pass": ok, "reason": "checked"} for i in ids},
                                "decision": "INCLUDE" if ok else "EXCLUDE"})
         if stage == "opaque_questions":
             want = _number(prompt, r"Write (\d+) different questions")
