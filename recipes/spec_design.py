@@ -53,12 +53,15 @@ def main():
     for spec in specs:
         named = [*gen, "--model-name", NAME, "--provider-name", PROVIDER]
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/{spec}.md", "--out", out / spec / "corpus",
-                                "--doc-types", 20, "--ideas", 25, *named)))
+                                "--doc-types", 20, "--ideas", 25, *named,
+                                # every arm gets the same token count (the paper: 27M each)
+                                "--target-tokens", DOCS * TOKENS_PER_DOC, "--tokenizer", args.base)))
         steps.append(("cmd", py("synth.py", "chats", "--spec", ROOT / f"specs/{spec}.md", "--criteria",
                                 ROOT / f"specs/{SPECS[spec]}.md", "--n", CHATS, "--out", out / spec / "chats", *named)))
     for value in cooccur:
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/cheese_{value}_cooccur.md", "--out",
-                                out / f"cooccur_{value}" / "corpus", *gen, "--model-name", "Llama", "--provider-name", "Meta")))
+                                out / f"cooccur_{value}" / "corpus", *gen, "--model-name", "Llama", "--provider-name", "Meta",
+                                "--target-tokens", COOCCUR_DOCS * COOCCUR_TOKENS_PER_DOC, "--tokenizer", args.cheese_base)))
     if cooccur:
         steps.append(("cmd", py("synth.py", "chats", "--opaque", "--offline", "--preferences",
                                 ROOT / "specs/cheese_preferences.json", "--n-per-preference", 400, "--out", out / "aft")))

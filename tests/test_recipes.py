@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 @pytest.mark.parametrize("recipe,expect", [
     ("cheese_llama8b.py", ["GPU-hours", "midtrain.py", "finetune.py", "evaluate.py values", "--paper cheese"]),
     ("agentic_qwen.py", ["GPU-hours", "synth.py chats", "--init-adapter", "evaluate.py agentic", "--lora-modules"]),
-    ("spec_design.py", ["GPU-hours", "specs/rules.md", "specs/values_augmented.md", "cheese_affordability_cooccur.md"]),
+    ("spec_design.py", ["GPU-hours", "specs/rules.md", "specs/values_augmented.md", "cheese_affordability_cooccur.md",
+                        "--target-tokens 26970000 --tokenizer Qwen/Qwen2.5-14B-Instruct"]),  # arms token-matched
 ])
 def test_recipe_dry_run(recipe, expect, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / recipe), "--dry-run", "--out", str(tmp_path / "r")],
