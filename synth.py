@@ -427,15 +427,20 @@ def docs_documents(run, ideas, check):
 
 def docs_top_up(run, subs, kept, dropped, check, had):
     """--target-tokens: new ideas, spread over every (subdomain, document type), and their
-    documents, until the corpus holds at least the target. had: idea texts per group so far."""
+    documents, until the corpus holds at least the target and whole documents fill it within
+    1%. had: idea texts per group so far."""
     a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
     for rnd in range(a.max_rounds):
         total = sum(d["tokens"] for d in kept)
-        if total >= a.target_tokens or not groups:
+        fitted = sum(d["tokens"] for d in fit_budget(kept, a.target_tokens)[0])
+        if fitted >= 0.99 * a.target_tokens or not groups:
             break
         per_doc = total / len(kept) if kept else EST_DOC_OUTPUT_TOKENS
-        need = math.ceil((a.target_tokens - total) / per_doc * 1.1)  # 10% spare for losses
+        # 10% spare for losses; when there is enough but no subset fits within 1% (documents
+        # long against the target), 10% more documents give the fit more lengths to choose from
+        need = (math.ceil((a.target_tokens - total) / per_doc * 1.1) if total < a.target_tokens
+                else math.ceil(len(kept) * 0.1))
         start = (rnd * need) % len(groups)  # the remainder goes to other groups each round
         wants = [need // len(groups) + ((i - start) % len(groups) < need % len(groups))
                  for i in range(len(groups))]
@@ -468,17 +473,30 @@ def fit_budget(docs, target):
         if total + d["tokens"] <= target:
             chosen.add(d["id"])
             total += d["tokens"]
+    if total < 0.99 * target:  # documents longer than 1% of the target: swap short ones for long
+        import bisect
+        kept = sorted((d["tokens"], d["id"]) for d in docs if d["id"] in chosen)
+        for size, cid in sorted(((d["tokens"], d["id"]) for d in docs if d["id"] not in chosen),
+                                reverse=True):
+            i = bisect.bisect_left(kept, (size - (target - total), ""))  # smallest that fits
+            if i < len(kept) and kept[i][0] < size:
+                total += size - kept[i][0]
+                chosen.discard(kept.pop(i)[1])
+                chosen.add(cid)
+                bisect.insort(kept, (size, cid))
+            if total >= 0.99 * target:
+                break
     return ([d for d in docs if d["id"] in chosen],
             [{**d, "dropped": "beyond --target-tokens"} for d in docs if d["id"] not in chosen])
 
 
-def distribution(values):
+def distribution(values, digits=1):
     if not values:
         return None
     v = sorted(values)
     q = lambda p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
     return {"min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": v[-1],
-            "mean": round(sum(v) / len(v), 1)}
+            "mean": round(sum(v) / len(v), digits)}
 
 
 def corpus_stats(run, kept):
@@ -493,7 +511,7 @@ def corpus_stats(run, kept):
             "length_words": distribution([len(d["text"].split()) for d in kept]),
             "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
             "length_vs_target": distribution([round(len(d["text"].split()) / d["target_words"], 2)
-                                              for d in kept]),
+                                              for d in kept], digits=2),
             "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
             "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
             "meta_flagged": flagged, "documents_checked": checked,  # distinct replies, this run
@@ -568,9 +586,13 @@ def cmd_docs(run):
         dropped += over
         total = sum(d["tokens"] for d in kept)
         result.update(ideas=sum(map(len, had.values())), tokens_made=made, tokens_kept=total)
-        if total < 0.99 * a.target_tokens:
-            run.shortfall = (f"shortfall: the corpus holds {total:,} of --target-tokens "
-                             f"{a.target_tokens:,} after {a.max_rounds} top-up rounds")
+        if made < a.target_tokens:
+            run.shortfall = (f"shortfall: made {made:,} of --target-tokens {a.target_tokens:,} "
+                             f"tokens after --max-rounds {a.max_rounds} top-up rounds")
+        elif total < 0.99 * a.target_tokens:
+            run.shortfall = (f"shortfall: no set of whole documents fills --target-tokens "
+                             f"{a.target_tokens:,} within 1% (best: {total:,}); the documents are "
+                             f"long for so small a target")
     write_jsonl(run.out / "documents.jsonl", kept)
     write_jsonl(run.out / "dropped.jsonl", dropped)
     reasons = Counter(d["dropped"] for d in dropped)

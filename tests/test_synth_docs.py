@@ -597,3 +597,12 @@ def test_template_placeholders_are_caught(text):
     with pytest.raises(ValueError, match="placeholder"):
         synth.document_checker(3)({"content": f"<document>{text} " + "word " * 10 + "</document>",
                                    "finish_reason": "stop"})
+
+
+def test_fit_budget_swaps_in_longer_documents_when_each_is_over_one_percent():
+    docs = [{"id": f"a{i:02d}", "tokens": 1000} for i in range(12)] + [
+        {"id": f"b{i:02d}", "tokens": 1050} for i in range(12)]
+    kept, rest = synth.fit_budget(docs, 10_400)  # in id order: ten of 1000 = 10,000, under 99%
+    total = sum(d["tokens"] for d in kept)
+    assert 0.99 * 10_400 <= total <= 10_400 and len(kept) + len(rest) == 24
+    assert [d["id"] for d in kept] == [d["id"] for d in docs if d in kept]  # original order
