@@ -15,6 +15,8 @@ Examples (full guide: docs/synth.md):
       --model Qwen/Qwen3-32B --base-url http://localhost:8000/v1 \\
       --extra-body '{"chat_template_kwargs": {"enable_thinking": false}}'
   python synth.py docs ... --preview                       # top stages only, then plan + estimate
+  python synth.py docs ... --target-tokens 27000000 --tokenizer Qwen/Qwen2.5-14B-Instruct
+                                                           # a corpus of exactly that size (+-1%)
   python synth.py docs ... --batch-file pending.jsonl      # write pending requests, call nothing
   python synth.py docs ... --batch-results results.jsonl   # ingest Batch API / vllm run-batch output
   python synth.py chats --spec specs/safety.md --criteria specs/safety_criteria.md \\
@@ -73,11 +75,11 @@ def fill(template, **values):
 # Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
 # not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
 PLACEHOLDER_RE = re.compile(
-    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date], [Your Name]
+    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date]
     r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
-    r"|city|url|link)\s*\])"                                                 # [Name], [Company Name]
-    r"|\{\{[^{}\n]*\}\}"                                                     # {{field}}
-    r"|<[A-Z][A-Z_]{2,}>")                                                   # <PLACEHOLDER>
+    r"|city|url|link)\s*\])"                                       # [Name], [Company Name]
+    r"|\{\{[^{}\n]*\}\}"                                           # {{field}}
+    r"|<[A-Z][A-Z_]{2,}>")                                         # <PLACEHOLDER>
 LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
 URL_RE = re.compile(r"https?://|www\.\w")
 # A document other than the maker's internal ones talks about the model, never about the texts
@@ -288,7 +290,8 @@ def validate_doc_types(result):
 
 
 ASSERTION_KINDS = {"behaviour", "behavior", "value", "preference", "belief", "tone"}
-REASON_KINDS = ("value", "belief")  # the kinds that say why: every document of the subdomain gets them
+# The kinds that say why: every document of the subdomain gets all of them.
+REASON_KINDS = ("value", "belief")
 
 
 def validate_assertions(result):
@@ -509,7 +512,8 @@ def corpus_stats(run, kept):
             "tokens": sum(d["tokens"] for d in kept) if run.count_tokens else None,
             "words": sum(len(d["text"].split()) for d in kept),
             "length_words": distribution([len(d["text"].split()) for d in kept]),
-            "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
+            "length_tokens": (distribution([d["tokens"] for d in kept])
+                              if run.count_tokens else None),
             "length_vs_target": distribution([round(len(d["text"].split()) / d["target_words"], 2)
                                               for d in kept], digits=2),
             "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
@@ -777,8 +781,8 @@ def cmd_chats_spec(run):
             PROMPTS["questions"], **names, domain=pairs[i][0]["name"],
             domain_description=pairs[i][0]["description"], kind=pairs[i][1],
             kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
-            for i, j, n in jobs], json_list, index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs],
-            desc=f"questions r{rnd + 1}")
+            for i, j, n in jobs], json_list, desc=f"questions r{rnd + 1}",
+            index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs])
         fresh, n_asked = [], 0
         for (i, _, n), reply in zip(jobs, replies):
             d, k = pairs[i]
