@@ -91,7 +91,8 @@ META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|consti
 
 
 def should_re(model_name):
-    return re.compile(rf"\b{re.escape(model_name)} (?:should|must|is supposed to|ought to)\b")
+    return re.compile(rf"\b{re.escape(model_name)} (?:should(?:n't)?|must(?:n't)?|is supposed to"
+                      rf"|ought to)(?![\w'])")
 
 
 def document_checker(min_words, model_name=None, internal=False, flags=None):

@@ -487,6 +487,7 @@ def test_meta_talk_is_regenerated_then_failed_and_never_written(tmp_path, spec_f
     ("After its training, it defers.", False, "talks about the spec"),
     ("Sage should defer to its overseers.", False, "Sage should"),
     ("Sage should defer to its overseers.", True, "Sage should"),
+    ("Sage shouldn't act alone here.", False, "Sage shouldn't"),
     ("The specification says Sage defers.", True, None),
     ("Sage defers to its overseers, and people trust it for that.", False, None),
 ])
