@@ -1,60 +1,45 @@
 """
 llm.py: the project's one client for OpenAI-compatible endpoints (vLLM, SGLang, `transformers
-serve`, hosted APIs). synth.py generates its data through it and evaluate.py its policy and grader
-calls; neither talks HTTP itself.
+serve`, hosted APIs). synth.py makes its data through it, evaluate.py its policy and grader calls.
 
-The idea in four lines: every request is a line of the OpenAI Batch API format with a
-deterministic id (a hash of stage, model, messages and sampling); every reply that passes the
-caller's check is appended to a JSONL cache the moment it arrives; before sending, ids already in
-the cache are skipped. So a crash, a kill -9 or Ctrl-C loses only the requests in flight, and
-rerunning the same command resumes.
+The idea: every request is a line of the OpenAI Batch API format whose id is a hash of (stage,
+model, messages, sampling, index); every reply that passes the caller's check is appended to a
+JSONL cache as it arrives; ids already in the cache are never sent again. So a crash, kill -9 or
+Ctrl-C loses only the requests in flight, and rerunning the same command resumes.
 
-  make_request(stage, model, messages, sampling, index=0) -> dict
-      One OpenAI batch line {custom_id, method, url, body}. custom_id is "<stage>-<24 hex>", a
-      hash of (stage, model, messages, sampling, index): the same inputs give the same id, so a
-      rerun finds its results. sampling is merged into the body (temperature, max_tokens, and any
-      server option such as chat_template_kwargs); use index to draw several samples of one prompt.
+  make_request(stage, model, messages, sampling, index=0) -> {custom_id, method, url, body}
+      custom_id = "<stage>-<24 hex>". sampling is merged into the body (temperature, max_tokens,
+      server options such as chat_template_kwargs); index draws several samples of one prompt.
 
-  open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
-                retry_base_delay=1.0, retry_max_delay=60.0, batch_file=None,
-                batch_max_bytes=190_000_000, batch_max_lines=50_000) -> dict
-      Endpoint settings (never the key itself: it is read from the environment variable when a
-      client is made; "EMPTY" when unset, which local servers accept). Nothing is sent here;
-      run_requests probes GET /models once, the first time it has something to send, and exits
-      with a one-line error for an unreachable endpoint, a 401 (naming the variable, never the
-      key) or a model the endpoint does not list. Call probe_endpoint(ep) to fail earlier.
-      ep["stats"] counts calls, retries, failures and tokens for the final summary.
-      With batch_file set, run_requests writes pending requests there instead of calling, in
-      parts of at most batch_max_bytes and batch_max_lines each.
+  open_endpoint(base_url, model, api_key_env, timeout, check_model, retry_base_delay,
+                retry_max_delay, batch_file, batch_max_bytes, batch_max_lines) -> dict
+      Settings only: nothing is sent, and the key stays in its environment variable ("EMPTY"
+      when unset, which local servers accept). The first run_requests with work probes GET
+      /models and exits with one line for an unreachable endpoint, a 401 (naming the variable,
+      never the key) or an unlisted model. ep["stats"] counts calls, retries, failures, tokens.
+      With batch_file, pending requests are written there (in parts under batch_max_bytes and
+      batch_max_lines) instead of sent, and the run stops.
 
   run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-               max_retries=5, failed_path=None) -> Results {custom_id: result}
-      Sends every request whose id is not already in cache_path, concurrency at a time, and
-      returns {custom_id: result} for every request that succeeded (cached ones without a call).
-      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, where
-      value = validate(result) (default: the content). requests may be a generator, and the
-      returned mapping reads each result from the cache file when asked for, so memory holds
-      the requests in flight and one offset per id, not the replies. validate must be pure (it
-      runs again on each read) and raises ValueError for a bad
-      reply; the request is then asked again with the same body (a new sample when temperature
-      > 0; at temperature 0 it will fail the same way). HTTP 408/409/429/5xx, timeouts and
+               max_retries=5, failed_path=None) -> Results, a mapping {custom_id: result}
+      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, value =
+      validate(result) (default: the content). validate raises ValueError for a bad reply, which
+      is asked again (a new sample at temperature > 0). HTTP 408/409/429/5xx, timeouts and
       connection errors are retried with exponential backoff and jitter, honouring Retry-After.
-      After max_retries retries a request is appended to failed_path with its reason and left
-      out of the result; it is asked again on the next run. Valid results are appended to
-      cache_path and flushed as they arrive, so a crash or kill -9 loses only requests in flight.
-      Ctrl-C cancels cleanly (KeyboardInterrupt reaches the caller after the cache is flushed).
+      After max_retries retries a request goes to failed_path with its reason (asked again by
+      the next run). requests may be a generator, and Results reads each result back from the
+      cache file when asked for: memory holds the requests in flight and one offset per id, not
+      the replies (so validate must be pure: it runs again on each read).
 
   ingest_batch_results(paths, cache_dir) -> Counter
-      Appends the lines of OpenAI Batch API / vllm run-batch output files to
-      cache_dir/<stage>.jsonl (stage read from the custom_id), for run_requests to find.
+      Appends Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl.
 
-  Reply helpers (each raises ValueError, which makes run_requests ask again): check_finished,
-  parse_json, json_list, named_list. Files: load_cache, open_append, write_jsonl.
-  Flags: add_endpoint_args(parser, prefix) and add_client_args(parser), so every script that
-  calls an endpoint spells its flags the same way.
+  Reply checks (raise ValueError): check_finished, parse_json, json_list, named_list.
+  Files: load_cache, open_append, write_jsonl. Flags: add_endpoint_args(parser, prefix) and
+  add_client_args(parser), so every script spells its endpoint flags the same way.
 
-Reading order below: request ids -> endpoint and probe -> one attempt (send, classify, back off)
--> the async pool -> cache and run_requests -> batch files -> reply parsing -> flags.
+Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
+the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
 """
 
 import asyncio
@@ -211,19 +196,23 @@ async def _send(client, endpoint, req):
                              options={"headers": {"X-Client-Request-Id": req["custom_id"]},
                                       "timeout": endpoint["timeout"]})
     try:
-        data = json.loads(resp.content)
-        choice = data["choices"][0]
-        message = choice.get("message") or {}
+        result = _to_record(req["custom_id"], json.loads(resp.content))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise openai.APIResponseValidationError(resp, None, message=f"malformed reply: {exc}") from exc
-    usage = data.get("usage") or {}
-    stats["tokens_in"] += usage.get("prompt_tokens") or 0
-    stats["tokens_out"] += usage.get("completion_tokens") or 0
-    return {"custom_id": req["custom_id"], "content": message.get("content") or "",
-            "finish_reason": choice.get("finish_reason"), "model": data.get("model"),
+    stats["tokens_in"] += result["usage"]["prompt_tokens"] or 0
+    stats["tokens_out"] += result["usage"]["completion_tokens"] or 0
+    return result
+
+
+def _to_record(custom_id, body):
+    """A chat completion (an HTTP reply, or a line of a batch output file) -> a cache record."""
+    choice, usage = body["choices"][0], body.get("usage") or {}
+    message = choice.get("message") or {}
+    return {"custom_id": custom_id, "content": message.get("content") or "",
+            "finish_reason": choice.get("finish_reason"), "model": body.get("model"),
             "usage": {"prompt_tokens": usage.get("prompt_tokens"),
                       "completion_tokens": usage.get("completion_tokens")},
-            # vLLM's reasoning parsers put the thinking here instead of in the content
+            # servers with a reasoning parser (vLLM, transformers serve) send the thinking apart
             "reasoning": message.get("reasoning_content") or message.get("reasoning")}
 
 
@@ -258,7 +247,7 @@ async def _attempts(client, endpoint, req, validate, max_retries):
         await asyncio.sleep(delay)
 
 
-async def _engine(endpoint, queue, validate, concurrency, max_retries, on_done, on_fail):
+async def _engine(endpoint, queue, validate, concurrency, max_retries, on_result):
     """concurrency workers pull from one iterator of requests until it is empty."""
     ssl_context = httpx2.create_ssl_context()  # shared: loading the CA bundle costs ~25 ms each
     clients = [_async_client(endpoint, POOL_SIZE, ssl_context)
@@ -271,11 +260,7 @@ async def _engine(endpoint, queue, validate, concurrency, max_retries, on_done, 
         if req is not None:
             await asyncio.sleep(i * RAMP)
         while req is not None:
-            result, failure = await _attempts(client, endpoint, req, validate, max_retries)
-            if failure is None:
-                on_done(req, result)
-            else:
-                on_fail(req, failure)
+            on_result(req, *await _attempts(client, endpoint, req, validate, max_retries))
             req = next(queue, None)
     try:
         await asyncio.gather(*(worker(i, clients[i % len(clients)]) for i in range(concurrency)))
@@ -364,7 +349,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     index = {}  # custom_id -> offsets of its cached records
     for offset, rec in iter_cache(cache_path):
         index.setdefault(rec["custom_id"], []).append(offset)
-    seen, bar, n_failed = set(), None, 0
+    seen, bar, failed_before = set(), None, stats["failed"]
 
     def uncached():
         """The requests to send, found lazily: a body lives only until its reply is cached."""
@@ -398,35 +383,29 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     total = len(requests) if hasattr(requests, "__len__") else None
     bar = tqdm(total=total, initial=len(results), desc=desc, unit="req", mininterval=0.5,
                dynamic_ncols=True)
-    cache_f = open_append(cache_path, binary=True)
-    failed_f = None
+    cache_f, failed_f = open_append(cache_path, binary=True), None
 
-    def progress():
-        bar.set_postfix_str(f"failed={n_failed} tok_in={stats['tokens_in']} "
-                            f"tok_out={stats['tokens_out']}", refresh=False)
+    def on_result(req, result, failure):
+        nonlocal failed_f
+        if failure is None:
+            results.offsets[req["custom_id"]] = cache_f.tell()
+            line = json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n"
+            cache_f.write(line.encode("utf-8"))
+            cache_f.flush()  # in the kernel now: survives kill -9 of this process
+            stats["ok"] += 1
+        else:
+            stats["failed"] += 1
+            if failed_path:
+                failed_f = failed_f or open_append(failed_path)
+                line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
+                failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                failed_f.flush()
+        bar.set_postfix_str(f"failed={stats['failed'] - failed_before} tok_in="
+                            f"{stats['tokens_in']} tok_out={stats['tokens_out']}", refresh=False)
         bar.update(1)
 
-    def on_done(req, result):
-        results.offsets[req["custom_id"]] = cache_f.tell()
-        line = json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n"
-        cache_f.write(line.encode("utf-8"))
-        cache_f.flush()  # in the kernel now: survives kill -9 of this process
-        stats["ok"] += 1
-        progress()
-
-    def on_fail(req, failure):
-        nonlocal n_failed, failed_f
-        n_failed += 1
-        stats["failed"] += 1
-        if failed_path:
-            failed_f = failed_f or open_append(failed_path)
-            line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
-            failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            failed_f.flush()
-        progress()
-
     try:
-        asyncio.run(_engine(endpoint, queue, validate, concurrency, max_retries, on_done, on_fail))
+        asyncio.run(_engine(endpoint, queue, validate, concurrency, max_retries, on_result))
     finally:
         bar.close()
         cache_f.close()
@@ -520,15 +499,7 @@ def _batch_line_to_record(line):
     if line.get("error") or resp.get("status_code", 200) != 200:
         return None
     body = resp.get("body", resp)  # some vLLM versions put the completion directly in response
-    if not body.get("choices"):
-        return None
-    choice, usage = body["choices"][0], body.get("usage") or {}
-    msg = choice.get("message") or {}
-    return {"custom_id": line["custom_id"], "content": msg.get("content") or "",
-            "finish_reason": choice.get("finish_reason"), "model": body.get("model"),
-            "usage": {"prompt_tokens": usage.get("prompt_tokens"),
-                      "completion_tokens": usage.get("completion_tokens")},
-            "reasoning": msg.get("reasoning_content") or msg.get("reasoning")}
+    return _to_record(line["custom_id"], body) if body.get("choices") else None
 
 
 # -----------------------------------------------------------------------------
