@@ -47,7 +47,9 @@ def main():
     for value, spec in specs.items():
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / spec, "--out", out / f"corpus_{value}",
                                 *generator_flags(args), "--model-name", "Llama", "--provider-name", "Meta",
-                                "--doc-types", DOC_TYPES, "--ideas", IDEAS)))
+                                "--doc-types", DOC_TYPES, "--ideas", IDEAS,
+                                # the two values' corpora are compared: same size in the trained tokenizer
+                                "--target-tokens", corpus_tokens, "--tokenizer", BASE)))
     if not args.generator_base_url:
         steps.append(("stop", None))
     steps.append(("cmd", py("synth.py", "chats", "--opaque", "--offline", "--preferences", ROOT / "specs/cheese_preferences.json",
