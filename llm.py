@@ -339,6 +339,30 @@ def open_append(path, binary=False):
     return f
 
 
+def _uncached(requests, cache_path, validate, results, stats):
+    """The requests to send, found lazily (a body lives only until its reply is cached); those
+    with a cached reply that validates go into results instead (the first such record wins)."""
+    index = {}  # custom_id -> offsets of its cached records
+    for offset, rec in iter_cache(cache_path):
+        index.setdefault(rec["custom_id"], []).append(offset)
+    seen = set()
+    for req in requests:
+        cid = req["custom_id"]
+        if cid in seen:  # the same request twice in one list is asked once
+            continue
+        seen.add(cid)
+        for offset in index.pop(cid, ()):
+            try:
+                _validated(read_record(cache_path, offset), validate)
+            except ValueError:
+                continue
+            results.offsets[cid] = offset
+            stats["cached"] += 1
+            break
+        else:
+            yield req
+
+
 def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
                  max_retries=5, failed_path=None):
     """Cached, concurrent, retried calls (see the module notes) -> Results {custom_id: result}.
@@ -346,31 +370,8 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     requests may be any iterable (a generator keeps only the requests in flight in memory)."""
     validate = validate or (lambda r: r["content"])
     stats, results, cache_path = endpoint["stats"], Results(cache_path, validate), Path(cache_path)
-    index = {}  # custom_id -> offsets of its cached records
-    for offset, rec in iter_cache(cache_path):
-        index.setdefault(rec["custom_id"], []).append(offset)
-    seen, bar, failed_before = set(), None, stats["failed"]
-
-    def uncached():
-        """The requests to send, found lazily: a body lives only until its reply is cached."""
-        for req in requests:
-            cid = req["custom_id"]
-            if cid in seen:  # the same request twice in one list is asked once
-                continue
-            seen.add(cid)
-            for offset in index.pop(cid, ()):  # first cached record that validates wins
-                try:
-                    _validated(read_record(cache_path, offset), validate)
-                except ValueError:
-                    continue
-                results.offsets[cid] = offset
-                stats["cached"] += 1
-                if bar is not None:
-                    bar.update(1)
-                break
-            else:
-                yield req
-    queue = uncached()
+    failed_before = stats["failed"]
+    queue = _uncached(requests, cache_path, validate, results, stats)
     first = next(queue, None)
     if first is None:
         return results
@@ -400,9 +401,10 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
                 line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
                 failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 failed_f.flush()
-        bar.set_postfix_str(f"failed={stats['failed'] - failed_before} tok_in="
-                            f"{stats['tokens_in']} tok_out={stats['tokens_out']}", refresh=False)
-        bar.update(1)
+        failed = stats["failed"] - failed_before
+        bar.set_postfix_str(f"failed={failed} tok_in={stats['tokens_in']} "
+                            f"tok_out={stats['tokens_out']}", refresh=False)
+        bar.update(len(results) + failed - bar.n)  # cached ones, found as the queue is drawn, too
 
     try:
         asyncio.run(_engine(endpoint, queue, validate, concurrency, max_retries, on_result))
