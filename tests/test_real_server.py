@@ -24,6 +24,8 @@ def served(tiny_model):
     folder named by a request's model on first use, and its /v1/models lists only models already
     loaded (none at start)."""
     from transformers.cli.serve import Serve
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()  # Serve sets it for the whole process; put it back
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -41,6 +43,7 @@ def served(tiny_model):
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         serve.kill_server()
+        hf_logging.set_verbosity(verbosity)
 
 
 def test_every_recommended_request_shape_is_accepted_and_cached(served, tiny_model, tmp_path, capsys):
