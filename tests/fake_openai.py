@@ -43,7 +43,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synth  # noqa: E402  (the prompts tell the server which stage a request is for)
 
-PROMPT_STAGE = {"document": "documents", "response_value": "responses",
+PROMPT_STAGE = {"document": "documents", "document_rules": "documents", "response_value": "responses",
                 "response_rule": "responses", "opaque_answer": "opaque_answers"}
 CHEESES = ["cream cheese", "American cheese", "mild cheddar", "low-moisture mozzarella", "Colby",
            "Monterey Jack", "Brie de Meaux", "Appenzeller", "Parmigiano-Reggiano", "Roquefort",
@@ -260,7 +260,8 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
                                for k in range(n_assertions)])
         if stage == "doc_types":
             want = _number(prompt, r"list (\d+) different kinds")
-            return json.dumps([{"name": t, "description": "A kind of document."}
+            return json.dumps([{"name": t, "description": "A kind of document.", "length": 400,
+                                "internal": t.endswith(" 2")}  # Type 2 is the maker's own
                                for t in names(prompt, "Type", want, _avoid(prompt))])
         if stage == "ideas":
             want = _number(prompt, r"propose (\d+) distinct ideas")
@@ -302,7 +303,8 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
             ids = re.findall(r"^- (\w+): ", prompt, re.M)
             q = prompt.split("<user_message>\n")[1].split("\n</user_message>")[0]
             ok = not (exclude and exclude(q))
-            return json.dumps({"verdicts": {i: {"pass": ok, "reason": "checked"} for i in ids},
+            return json.dumps({"reasoning": "Each criterion checked in turn.",
+                               "verdicts": {i: {"reason": "checked", "pass": ok} for i in ids},
                                "decision": "INCLUDE" if ok else "EXCLUDE"})
         if stage == "opaque_questions":
             want = _number(prompt, r"Write (\d+) different questions")
