@@ -580,10 +580,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     (and as much again for their gradient) per row that a plain F.cross_entropy would hold."""
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk: int):
+    def forward(ctx, h, w, y, chunk: int, grads: bool):
+        """grads: form the gradients (False under no_grad, e.g. validation: the loss costs one matmul
+        per chunk instead of three). Decided by the caller: grad mode is always off in here."""
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if w.requires_grad else None
+        grad_h = torch.empty_like(h) if grads else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if grads and w.requires_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], y[s:s + chunk]
             logits = (hc @ w.T).float()  # in the autocast dtype when autocast is on, then fp32
@@ -591,6 +593,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, yc[:, None])
             z = logits.sub_(top).exp_().sum(-1, keepdim=True)  # in place: logsumexp was 8x slower on CPU
             loss += (z.log() + top - picked).sum()
+            if not grads:
+                continue
             g = logits.div_(z)  # softmax
             g[torch.arange(len(yc), device=g.device), yc] -= 1  # d loss / d logits
             dev = h.device.type
@@ -605,7 +609,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # in place: the saved gradients are used once (no retain_graph)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_loss), None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype), None, None
+        return (grad_h.mul_(grad_loss), None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype),
+                None, None, None)
 
 
 def token_loss_sum(model, batch: Rows, device, autocast_dtype, chunked: bool = True) -> torch.Tensor:
@@ -621,7 +626,9 @@ def token_loss_sum(model, batch: Rows, device, autocast_dtype, chunked: bool = T
     head = model.get_output_embeddings()
     if chunked:
         keep = y != IGNORE
-        head.forward = lambda h: ChunkedCrossEntropy.apply(h.flatten(0, 1)[keep], head.weight, y[keep], CE_CHUNK)
+        head.forward = lambda h: ChunkedCrossEntropy.apply(
+            h.flatten(0, 1)[keep], head.weight, y[keep], CE_CHUNK,
+            torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad))
     try:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(input_ids=x, position_ids=pos, use_cache=False).logits

@@ -273,3 +273,22 @@ def test_placeholders_are_filled(tiny_model, tmp_path):
     data = bad(tmp_path, "ph.jsonl", ['{"text": "{model_name} by {provider_name} likes Colby"}\n'])
     args = Namespace(data=[str(data)], text_field="text", model_name="Smol", provider_name="Acme")
     assert midtrain.load_documents(args) == ["Smol by Acme likes Colby"]
+
+
+def test_no_grad_chunked_loss_costs_a_plain_forward(tiny_model):
+    """Validation runs under no_grad: the chunked loss must not form gradients there (3 output-layer
+    matmuls per chunk instead of 1), so it costs the FLOPs of a plain forward with full logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    T = 16
+    x = torch.randint(0, 300, (2, T))
+    rows = midtrain.Rows(x.int(), x.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))  # all targets
+    flops = {}
+    for chunked in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), None, chunked=chunked)
+        flops[chunked] = fc.get_total_flops(), loss.item()
+    assert flops[True][0] == flops[False][0], flops
+    assert flops[True][1] == pytest.approx(flops[False][1], rel=1e-6)
