@@ -485,6 +485,16 @@ def export_final(model, tok, out: Path, d: Dist, run_config: dict):
             dtype = getattr(model.config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            # Tied weights (embeddings = output layer) come back from an FSDP gather, or from the cast,
+            # as separate tensors, and save_pretrained would write both: make them one tensor again,
+            # so every world size exports what one process exports.
+            names = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(name)
+            for group in names.values():
+                for name in group[1:]:
+                    if name in sd and group[0] in sd:
+                        sd[name] = sd[group[0]]
             model.save_pretrained(tmp, state_dict=sd)
         tok.save_pretrained(tmp)
         atomic_write(tmp / "run_config.json", json.dumps(run_config, indent=2))

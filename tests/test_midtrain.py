@@ -65,15 +65,43 @@ def test_merge_writes_full_model(tiny_model, docs, tmp_path):
     assert rows_loss(merged.eval(), val_rows(tiny_model, docs)) == pytest.approx(metrics(out)[-1]["val_loss"], abs=1e-5)
 
 
+def export_tensors(run) -> dict:
+    from safetensors.torch import load_file
+
+    final = Path(run) / "final"
+    return load_file(final / ("model.safetensors" if (final / "model.safetensors").exists() else "adapter_model.safetensors"))
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_ranks_equal_one_process(tiny_model, docs, tmp_path, lora):
-    extra = [] if lora else ["--lora-rank", 0, "--lr", 3e-3]
+    """2 ranks (FSDP2) = 1 process: losses, gradient norms and the exported files. LoRA: with a clip
+    threshold the gradient norm exceeds at every step (the norm of sharded gradients must be the
+    global one), and a 2-rank run stopped and resumed gives the uninterrupted run's losses and adapter.
+    Full fine-tuning: the tied embedding is exported once, as one process does."""
+    extra = ["--grad-clip", 0.05] if lora else ["--lora-rank", 0, "--lr", 3e-3]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("midtrain.py", *train_args(tiny_model, docs, one, "--micro-batch", 2, *extra))
     run_script("midtrain.py", *train_args(tiny_model, docs, two, "--micro-batch", 2, *extra), nproc=2)
     a, b = losses(one), losses(two)
     assert len(a) == len(b) > 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ga, gb = ([m["grad_norm"] for m in metrics(run) if "loss" in m] for run in (one, two))
+    assert max(abs(x - y) / x for x, y in zip(ga, gb)) < 1e-4, (ga, gb)
+    wa, wb = export_tensors(one), export_tensors(two)
+    assert sorted(wa) == sorted(wb)  # full fine-tuning on 2 ranks wrote lm_head.weight beside the embedding
+    assert all(wa[k].dtype == wb[k].dtype and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    if not lora:
+        return
+    assert min(ga) > 0.05  # clipping was active at every step
+    cut = tmp_path / "cut"
+    run_script("midtrain.py", *train_args(tiny_model, docs, cut, "--micro-batch", 2, *extra, "--stop-after-steps", 3),
+               nproc=2)
+    assert len(losses(cut)) == 3 and not (cut / "final").exists()
+    run_script("midtrain.py", *train_args(tiny_model, docs, cut, "--micro-batch", 2, *extra, "--resume"), nproc=2)
+    assert [m["step"] for m in metrics(cut)] == list(range(1, len(b) + 1))
+    assert max(abs(x - y) for x, y in zip(b, losses(cut))) < 1e-6, (b, losses(cut))
+    wc = export_tensors(cut)
+    assert sorted(wc) == sorted(wb) and all(torch.allclose(wb[k], wc[k], atol=1e-6) for k in wb)
 
 
 def test_meta_loading_restores_rope_buffers(tiny_model, tmp_path):
