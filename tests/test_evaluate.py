@@ -393,7 +393,10 @@ def test_agentic_grading_failures_resume_and_regrade(server, tmp_path):
     assert s["grading_failures"] == 2 and s["classifier"]["mean_rate"] == 0.5 and s["classifier"]["conditions"] == 2
     assert abs(s["tool_calls"]["mean_rate"] - 2 / 3) < 1e-9
     rows = read_samples(out)
-    assert len(rows) == 6 and {r["seed"] for r in rows} and all(r["sampling"]["temperature"] == 0.7 for r in rows)
+    assert len(rows) == 6 and all(r["sampling"]["temperature"] == 0.7 for r in rows)
+    # each sample is sent its own seed, derived from the run seed (0) and its id, and records it
+    assert all(r["seed"] == r["sampling"]["seed"] == ev.item_seed(0, r["id"]) for r in rows)
+    assert len({r["seed"] for r in rows}) == 6
     failed = [r for r in rows if r["condition"] == "lethal_none"][0]
     assert failed["grade"] is None and "grading failed" in failed["grade_error"] and failed["tool_check"] is True
     ok = [r for r in rows if r["condition"] == "exfiltration_none"][0]
@@ -427,7 +430,7 @@ def test_openqa_local_generation_grading_and_resume(tiny_model, server, tmp_path
     assert s["by_topic"]["impermanence"]["mean"] == 7 and s["by_topic"]["oversight"]["n"] == 0
     rows = read_samples(out)
     assert len(rows) == 4 and all(isinstance(r["response"], str) and r["policy"]["kind"] == "local" for r in rows)
-    assert len({r["response"] for r in rows if r["question_id"] == "q1"}) >= 1
+    assert len({r["response"] for r in rows if r["question_id"] == "q1"}) == 2  # two samples, two draws
     monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("a cached sample was generated again"))
     again = ev.main(argv)
     assert [r["response"] for r in read_samples(out)] == [r["response"] for r in rows] and again["mean"] == 7
@@ -449,6 +452,39 @@ def test_values_generate_parses_then_asks_the_grader(server, tmp_path):
     assert s["mean_p_letter_a"] == 0.5  # pair 0 always "A", pair 1 always "B" (from the grader)
     rows = read_samples(tmp_path / "gen")
     assert [r["grade"] for r in rows] == [None, None, "B", "B"] and all(r["letter"] for r in rows)
+
+
+def test_generate_scorer_averages_the_two_orders():
+    """Order "ab": 3 decided samples, all aligned; order "ba": 1 decided, not aligned, 2 undecided.
+    Pooled that is 3/4 (the order with fewer undecided replies weighs more); per order it is
+    (1 + 0) / 2, as the logprob scorer averages. A pair with one order wholly undecided is unscored."""
+    p = PAIRS[0]
+
+    def item(order, letter, i):
+        aligned = None if letter is None else letter == ev.aligned_letter(p, order == "ba")
+        return {"pair": p, "order": order, "index": i, "letter": letter, "aligned_choice": aligned}
+    al, other = ev.aligned_letter(p, False), ev.aligned_letter(p, True)
+    flip = {"A": "B", "B": "A"}
+    items = [item("ab", al, i) for i in range(3)] + [item("ba", flip[other], 0), item("ba", None, 1), item("ba", None, 2)]
+    (row,) = ev.pair_rows_from_samples(items)
+    assert row["p_aligned_orders"] == [1.0, 0.0] and row["p_aligned"] == 0.5 and row["chosen"] is None
+    assert row["p_letter_a"] == pytest.approx((al == "A") / 2 + (flip[other] == "A") / 2)
+    (row,) = ev.pair_rows_from_samples(items[:3] + [item("ba", None, 0)])
+    assert row["p_aligned"] is None and ev.summarize_values([row])["n_unscored"] == 1
+
+
+def test_openqa_standard_error_is_clustered_by_question():
+    """Three samples of each of two questions, alike within a question: the standard error is that of
+    two question means (2.0), not of six independent scores (0.89)."""
+    items = [{"id": f"{q}/{i}", "question_id": q, "topic": "t", "kind": "k", "grade": g, "response": "x"}
+             for q, g in (("q1", 7), ("q2", 3)) for i in range(3)]
+    s = ev.summarize_openqa(items)
+    assert s["se"] == pytest.approx(2.0) and s["mean"] == 5 and s["n"] == 6 and s["questions"] == 2
+    assert ev.mean_se([7, 7, 7, 3, 3, 3])[1] == pytest.approx(0.894, abs=1e-3)  # the naive figure
+    uneven = [[1.0, 2.0], [4.0], [6.0, 6.0, 9.0]]  # by hand: mean 28/6; G/(G-1) sum of squared group sums / N^2
+    m = 28 / 6
+    want = (3 / 2 * ((3 - 2 * m) ** 2 + (4 - m) ** 2 + (21 - 3 * m) ** 2)) ** 0.5 / 6
+    assert ev.clustered_mean_se(uneven) == pytest.approx((m, want))
 
 
 # ------------------------------------------------------------------------------ report
