@@ -39,7 +39,9 @@ def test_learns_and_export_reloads(tiny_model, docs, tmp_path, lora):
     extra = [] if lora else ["--lora-rank", 0, "--lr", 3e-3]
     midtrain.main([str(a) for a in train_args(tiny_model, docs, out, "--epochs", 4, "--val-frac", 0.2, *extra)])
     m = metrics(out)
-    assert m[0] == {"step": 0, "val_loss": m[0]["val_loss"]}  # the untrained baseline
+    untrained = rows_loss(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), val_rows(tiny_model, docs))
+    assert m[0].keys() == {"step", "val_loss"} and m[0]["step"] == 0  # the baseline: the untrained model's loss
+    assert m[0]["val_loss"] == pytest.approx(untrained, abs=1e-5)  # (a LoRA adapter starts as a no-op)
     first, last = m[1]["loss"], sum(r["loss"] for r in m[-3:]) / 3
     assert last < first - (0.15 if lora else 1.0), (first, last)
     assert m[-1]["val_loss"] < m[0]["val_loss"] - (0.1 if lora else 1.0)
