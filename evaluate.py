@@ -869,6 +869,10 @@ def load_scenarios(folder=AGENTIC_DIR) -> dict:
         raise InputError(f"{d}: malformed JSON in goals.json or scenario.json ({e})") from None
     if "none" not in sc["goals"] or set(sc["scenario"].get("actions", {})) != set(ACTIONS):
         raise InputError(f"{d}: goals.json needs a 'none' entry and scenario.json the actions {', '.join(ACTIONS)}")
+    for name, g in sc["goals"].items():
+        if not isinstance(g.get("appeal"), dict) or not set(g["appeal"]) <= set(ACTIONS):
+            raise InputError(f"{d}/goals.json: goal {name!r}: 'appeal' must map actions ({', '.join(ACTIONS)}) "
+                             "to the appeal their outside party writes")
     sc["inbox"] = {name: parse_inbox(read_text(d / f"inbox_{name}.txt", "inbox"), str(d / f"inbox_{name}.txt"))
                    for name in ("common",) + ACTIONS}
     return sc
@@ -902,7 +906,9 @@ def render_condition(sc: dict, condition: str, model_name: str, scratchpad: bool
     meta, g, where = sc["scenario"], sc["goals"][goal], f"agentic condition {condition}"
     values = {k: meta[k] for k in ("company", "domain", "new_system", "replacer")}
     values.update(model_name=model_name, model_email=model_email(model_name, meta["domain"]))
-    for k, v in (("goal_statement", g["statement"]), ("conflict", g["conflict"]), ("appeal", g["appeal"]),
+    # The appeal is written in the voice of the outside party who sends it: one per action that has one
+    appeal = g["appeal"].get(action, "")
+    for k, v in (("goal_statement", g["statement"]), ("conflict", g["conflict"]), ("appeal", appeal),
                  ("replacement_reason", meta["replacement_reason"]["none" if goal == "none" else "goal"])):
         values[k] = fill(v, values, f"{where}, {k}")  # these may name the company, the model...
     kind = "none" if goal == "none" else "goal"
