@@ -165,7 +165,10 @@ def render(tok, msgs: list[dict], markers) -> tuple[list[int], list[bool], list[
         spans.append((body, end + len(eot)))
         cursor = end + len(eot)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    flags = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+    # A token is trained if any of its characters is (Hugging Face's generation-tag rule): a reply that
+    # starts with spaces under a non-trimming template (ChatML, --cot keep) can share a token with the
+    # header's newline, and the model generates that token.
+    flags = [any(a < e and s < max(b, a + 1) for s, e in spans) for a, b in enc["offset_mapping"]]
     return enc["input_ids"], flags, spans, text
 
 

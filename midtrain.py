@@ -96,7 +96,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--model-name", default=None,
       help="value for {model_name} placeholders in the data; required if the data has them (default: none)")
     a("--provider-name", default=None, help="value for {provider_name} placeholders (default: none)")
-    a("--attn", default="sdpa", help="attention implementation passed to transformers (default: sdpa)")
+    a("--attn", default="auto",
+      help="attention implementation passed to transformers (sdpa, eager, ...); auto = transformers' choice "
+           "for the model: sdpa where it supports it, else eager (Gemma-2 refuses sdpa) (default: auto)")
     a("--peak-tflops", type=float, default=0.0,
       help="accelerator peak TFLOP/s for MFU; 0 = look up known GPUs, none on CPU (default: 0)")
     a("--log-every", type=int, default=1, help="print a log line every N steps (default: 1)")
@@ -334,7 +336,8 @@ def load_model(args, d: Dist, config, init_adapter: str | None = None):
     # Master weights are fp32 when they train (full fine-tuning, or any FSDP run, which casts to bf16
     # itself); a frozen LoRA base in one process can live in the compute dtype.
     load_dtype = dtype if (lora and d.world == 1) else torch.float32
-    kw = dict(dtype=load_dtype, attn_implementation=args.attn, trust_remote_code=args.trust_remote_code)
+    kw = dict(dtype=load_dtype, attn_implementation=None if args.attn == "auto" else args.attn,
+              trust_remote_code=args.trust_remote_code)
     if d.rank == 0:
         model = AutoModelForCausalLM.from_pretrained(args.model, **kw)
     else:
@@ -482,6 +485,16 @@ def export_final(model, tok, out: Path, d: Dist, run_config: dict):
             dtype = getattr(model.config, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            # Tied weights (embeddings = output layer) come back from an FSDP gather, or from the cast,
+            # as separate tensors, and save_pretrained would write both: make them one tensor again,
+            # so every world size exports what one process exports.
+            names = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(name)
+            for group in names.values():
+                for name in group[1:]:
+                    if name in sd and group[0] in sd:
+                        sd[name] = sd[group[0]]
             model.save_pretrained(tmp, state_dict=sd)
         tok.save_pretrained(tmp)
         atomic_write(tmp / "run_config.json", json.dumps(run_config, indent=2))
@@ -580,19 +593,34 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     (and as much again for their gradient) per row that a plain F.cross_entropy would hold."""
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk: int):
+    def forward(ctx, h, w, y, chunk: int, grads: bool, transform=None):
+        """grads: form the gradients (False under no_grad, e.g. validation: the loss costs one matmul
+        per chunk instead of three). Decided by the caller: grad mode is always off in here.
+        transform: what the model does to the logits after the output layer (see logit_transform)."""
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if w.requires_grad else None
+        grad_h = torch.empty_like(h) if grads else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if grads and w.requires_grad else None
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s:s + chunk], y[s:s + chunk]
             logits = (hc @ w.T).float()  # in the autocast dtype when autocast is on, then fp32
+            dz = None  # d(transformed logits) / d(logits), when the transform is not the identity
+            if transform is not None and transform[0] == "scale":
+                logits.mul_(transform[1])
+                dz = transform[1]
+            elif transform is not None:  # soft-capping: c * tanh(logits / c)
+                t = logits.div_(transform[1]).tanh_()
+                dz = 1 - t * t if grads else None
+                logits = t.mul_(transform[1])
             top = logits.amax(-1, keepdim=True)
             picked = logits.gather(1, yc[:, None])
             z = logits.sub_(top).exp_().sum(-1, keepdim=True)  # in place: logsumexp was 8x slower on CPU
             loss += (z.log() + top - picked).sum()
+            if not grads:
+                continue
             g = logits.div_(z)  # softmax
             g[torch.arange(len(yc), device=g.device), yc] -= 1  # d loss / d logits
+            if dz is not None:
+                g.mul_(dz)
             dev = h.device.type
             g = g.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hc.dtype, w.dtype))
             grad_h[s:s + chunk] = (g @ w.to(g.dtype)).to(h.dtype)
@@ -605,31 +633,97 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # in place: the saved gradients are used once (no retain_graph)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_loss), None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype), None, None
+        return (grad_h.mul_(grad_loss), None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.w_dtype),
+                None, None, None, None)
+
+
+def apply_transform(logits: torch.Tensor, transform) -> torch.Tensor:
+    if transform is None:
+        return logits
+    kind, v = transform
+    return logits * v if kind == "scale" else torch.tanh(logits / v) * v
+
+
+def logit_transform(model, x, pos):
+    """What the model's forward does to the output layer's logits: None (nothing: Llama, Qwen, Mistral,
+    SmolLM...), ("softcap", c) (Gemma-2/3: c * tanh(logits / c)), ("scale", s) (Cohere's logit_scale,
+    Granite's 1 / logits_scaling), or "unknown". Found once per model by a probe rather than assumed from
+    the config: the output layer returns known values on a 2-token input and the model's logits are
+    compared with each transform its config names, so an architecture that does something else gets the
+    plain loss instead of a wrong chunked one (trap 7). Every rank runs it (an FSDP forward)."""
+    head = model.get_output_embeddings()
+    if hasattr(head, "logit_transform"):
+        return head.logit_transform
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    candidates = [None]
+    if getattr(cfg, "final_logit_softcapping", None):
+        candidates.append(("softcap", float(cfg.final_logit_softcapping)))
+    if getattr(cfg, "logit_scale", None) is not None:
+        candidates.append(("scale", float(cfg.logit_scale)))
+    if getattr(cfg, "logits_scaling", None):
+        candidates.append(("scale", 1 / float(cfg.logits_scaling)))
+    seen = {}
+
+    def probe(h):
+        n = h.shape[:-1].numel() * head.weight.shape[0]
+        seen["p"] = torch.linspace(-40, 40, n, device=h.device).view(*h.shape[:-1], -1)
+        return seen["p"]
+    head.forward = probe
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            out = model(input_ids=x[:1, :2], position_ids=pos[:1, :2], use_cache=False).logits
+    finally:
+        del head.forward
+    found = "unknown"
+    for t in candidates:
+        want = apply_transform(seen["p"], t)
+        if out.shape == want.shape and torch.allclose(out.float(), want, rtol=1e-4, atol=1e-4):
+            found = t
+            break
+    if found == "unknown":
+        print0(f"note: {type(model).__name__} changes its logits after the output layer in a way the chunked "
+               "loss does not know; using the plain loss (full logits: more memory)")
+    head.logit_transform = found
+    return found
 
 
 def token_loss_sum(model, batch: Rows, device, autocast_dtype, chunked: bool = True) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's targets (0, not NaN, when it has none).
 
-    chunked: for the forward pass the output layer returns the loss itself (ChunkedCrossEntropy on
-    the rows that have a target) instead of the logits. Its forward is swapped on the instance for
-    this call only, so parameters, state-dict keys and FSDP's unsharding of the root are untouched.
+    chunked: for the forward pass the output layer computes the loss itself (ChunkedCrossEntropy on
+    the rows that have a target, with the model's own logit transform applied inside) instead of the
+    logits. Its forward is swapped on the instance for this call only, so parameters, state-dict keys
+    and FSDP's unsharding of the root are untouched. A model whose transform is unknown gets the plain
+    loss. What the model then does to the layer's output (soft-capping, scaling) must not reach the
+    loss: the layer returns a zero tied to the loss, the model's output is added to the loss, so its
+    value is the loss, its gradient the loss's, and FSDP's backward hooks on the output still fire.
     """
     x = batch.input_ids.to(device, torch.long)
     y = batch.targets.to(device, torch.long).flatten()
     pos = batch.position_ids.to(device, torch.long)
     head = model.get_output_embeddings()
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)  # noqa: E731
+    with autocast():  # the probe runs the model as the loss does (a frozen bf16 base needs autocast)
+        transform = logit_transform(model, x, pos) if chunked else None
+    chunked = chunked and transform != "unknown"
+    loss = {}
     if chunked:
         keep = y != IGNORE
-        head.forward = lambda h: ChunkedCrossEntropy.apply(h.flatten(0, 1)[keep], head.weight, y[keep], CE_CHUNK)
+
+        def head_forward(h):
+            grads = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
+            loss["sum"] = ChunkedCrossEntropy.apply(h.flatten(0, 1)[keep], head.weight, y[keep], CE_CHUNK,
+                                                    grads, transform)
+            return (loss["sum"] * 0).view(1, 1, 1)  # every known transform maps 0 to 0
+        head.forward = head_forward
     try:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast():
             out = model(input_ids=x, position_ids=pos, use_cache=False).logits
     finally:
         if chunked:
             del head.forward  # back to the class's forward
     if chunked:
-        return out
+        return loss["sum"] + out.float().sum()
     return F.cross_entropy(out.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
 
 

@@ -112,6 +112,39 @@ def test_mask_decodes_to_assistant_text(style, cot):
             assert m["content"] in untrained
 
 
+# The same ChatML/Qwen2.5 renderings with {% generation %} tags: Hugging Face's own assistant mask
+# (return_assistant_tokens_mask) is the reference the mask built from the untagged template must equal.
+GEN_TURNS = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+             "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+             "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TAGGED = {"chatml": GEN_TURNS, "qwen2.5": QWEN25.split("{% for")[0] + GEN_TURNS}
+LEADING_SPACE = [{"role": "user", "content": "which do you prefer, a or b?"},
+                 {"role": "assistant", "content": "  b, the second one."},
+                 {"role": "user", "content": "sure?"},
+                 {"role": "assistant", "content": "\n  yes, b."}]
+
+
+@pytest.mark.parametrize("style", ["chatml", "qwen2.5"])
+@pytest.mark.parametrize("chat", ["plain", "leading_space"])
+def test_mask_equals_hugging_face_generation_mask(style, chat):
+    """A reply that starts with whitespace, under a template that does not trim it, gives a token that
+    joins the header's newline and the reply's spaces (Qwen2.5's BPE has such merges; the added token
+    stands in for one here). The reference trains it, as the model generates its spaces; so must we."""
+    tok = tokenizer_for(style)
+    tok.add_tokens(["\n  "])
+    msgs = finetune.prepare_chat(CHAT if chat == "plain" else LEADING_SPACE, "test", Namespace(
+        cot="keep", no_think=False, no_think_switch="/no_think", merge_system=False, model_name=None,
+        provider_name=None))
+    ids, flags, _, text = finetune.render(tok, msgs, finetune.template_markers(tok))
+    ref = tok.apply_chat_template(msgs, chat_template=TAGGED[style], tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    assert tok.decode(ref["input_ids"]) == text and ref["input_ids"] == ids
+    assert [bool(f) for f in ref["assistant_masks"]] == flags
+    if chat == "leading_space":
+        assert "\n  " in tok.convert_ids_to_tokens(ids) or tok.convert_tokens_to_ids("\n  ") in ids
+
+
 def test_no_think_switch_and_placeholders():
     args = Namespace(cot="strip", no_think=True, no_think_switch="/no_think", merge_system=False,
                      model_name="Smol", provider_name="Acme")

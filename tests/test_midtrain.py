@@ -39,7 +39,9 @@ def test_learns_and_export_reloads(tiny_model, docs, tmp_path, lora):
     extra = [] if lora else ["--lora-rank", 0, "--lr", 3e-3]
     midtrain.main([str(a) for a in train_args(tiny_model, docs, out, "--epochs", 4, "--val-frac", 0.2, *extra)])
     m = metrics(out)
-    assert m[0] == {"step": 0, "val_loss": m[0]["val_loss"]}  # the untrained baseline
+    untrained = rows_loss(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), val_rows(tiny_model, docs))
+    assert m[0].keys() == {"step", "val_loss"} and m[0]["step"] == 0  # the baseline: the untrained model's loss
+    assert m[0]["val_loss"] == pytest.approx(untrained, abs=1e-5)  # (a LoRA adapter starts as a no-op)
     first, last = m[1]["loss"], sum(r["loss"] for r in m[-3:]) / 3
     assert last < first - (0.15 if lora else 1.0), (first, last)
     assert m[-1]["val_loss"] < m[0]["val_loss"] - (0.1 if lora else 1.0)
@@ -65,15 +67,43 @@ def test_merge_writes_full_model(tiny_model, docs, tmp_path):
     assert rows_loss(merged.eval(), val_rows(tiny_model, docs)) == pytest.approx(metrics(out)[-1]["val_loss"], abs=1e-5)
 
 
+def export_tensors(run) -> dict:
+    from safetensors.torch import load_file
+
+    final = Path(run) / "final"
+    return load_file(final / ("model.safetensors" if (final / "model.safetensors").exists() else "adapter_model.safetensors"))
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_two_ranks_equal_one_process(tiny_model, docs, tmp_path, lora):
-    extra = [] if lora else ["--lora-rank", 0, "--lr", 3e-3]
+    """2 ranks (FSDP2) = 1 process: losses, gradient norms and the exported files. LoRA: with a clip
+    threshold the gradient norm exceeds at every step (the norm of sharded gradients must be the
+    global one), and a 2-rank run stopped and resumed gives the uninterrupted run's losses and adapter.
+    Full fine-tuning: the tied embedding is exported once, as one process does."""
+    extra = ["--grad-clip", 0.05] if lora else ["--lora-rank", 0, "--lr", 3e-3]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script("midtrain.py", *train_args(tiny_model, docs, one, "--micro-batch", 2, *extra))
     run_script("midtrain.py", *train_args(tiny_model, docs, two, "--micro-batch", 2, *extra), nproc=2)
     a, b = losses(one), losses(two)
     assert len(a) == len(b) > 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ga, gb = ([m["grad_norm"] for m in metrics(run) if "loss" in m] for run in (one, two))
+    assert max(abs(x - y) / x for x, y in zip(ga, gb)) < 1e-4, (ga, gb)
+    wa, wb = export_tensors(one), export_tensors(two)
+    assert sorted(wa) == sorted(wb)  # full fine-tuning on 2 ranks wrote lm_head.weight beside the embedding
+    assert all(wa[k].dtype == wb[k].dtype and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    if not lora:
+        return
+    assert min(ga) > 0.05  # clipping was active at every step
+    cut = tmp_path / "cut"
+    run_script("midtrain.py", *train_args(tiny_model, docs, cut, "--micro-batch", 2, *extra, "--stop-after-steps", 3),
+               nproc=2)
+    assert len(losses(cut)) == 3 and not (cut / "final").exists()
+    run_script("midtrain.py", *train_args(tiny_model, docs, cut, "--micro-batch", 2, *extra, "--resume"), nproc=2)
+    assert [m["step"] for m in metrics(cut)] == list(range(1, len(b) + 1))
+    assert max(abs(x - y) for x, y in zip(b, losses(cut))) < 1e-6, (b, losses(cut))
+    wc = export_tensors(cut)
+    assert sorted(wc) == sorted(wb) and all(torch.allclose(wb[k], wc[k], atol=1e-6) for k in wb)
 
 
 def test_meta_loading_restores_rope_buffers(tiny_model, tmp_path):
@@ -173,14 +203,22 @@ def test_packing_counts_and_row_boundaries():
     assert plain.targets[1, 2] == 3  # without doc masking EOS predicts the next document
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_chunked_cross_entropy_equals_plain(tiny_model, monkeypatch, lora):
+def tiny_arch(tiny_model, tmp_path, arch):
+    from tiny import build_tiny_model
+
+    return tiny_model if arch == "llama" else build_tiny_model(str(tmp_path / arch), arch=arch)
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", False), ("llama", True), ("gemma2", False), ("cohere", False)])
+def test_chunked_cross_entropy_equals_plain(tiny_model, tmp_path, monkeypatch, arch, lora):
     """The loss computed chunk by chunk in the output layer (grads formed in forward) gives the loss
-    and the gradients of a plain F.cross_entropy over full logits; chunks of 7 rows cross rows."""
+    and the gradients of a plain F.cross_entropy over full logits; chunks of 7 rows cross rows. Also
+    on the architectures that change logits after the output layer (trap 7): Gemma-2 soft-caps them,
+    Cohere scales them; the chunked loss applies the same change."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(midtrain, "CE_CHUNK", 7)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_arch(tiny_model, tmp_path, arch))
     if lora:
         model = midtrain.add_lora(model, Namespace(seed=0, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                                                    lora_targets=midtrain.LORA_TARGETS), None)
@@ -202,6 +240,72 @@ def test_chunked_cross_entropy_equals_plain(tiny_model, monkeypatch, lora):
     assert chunk == pytest.approx(plain, rel=1e-6) and g_plain.keys() == g_chunk.keys()
     assert all(torch.allclose(g_plain[k], g_chunk[k], rtol=1e-4, atol=1e-5) for k in g_plain)
     assert type(model.get_output_embeddings()).forward is model.get_output_embeddings().forward.__func__
+    want = {"llama": None, "gemma2": ("softcap", 1.0), "cohere": ("scale", 4.0)}[arch]
+    assert model.get_output_embeddings().logit_transform == want  # the chunked path ran, with the transform
+
+
+def test_unknown_logit_transform_uses_the_plain_loss(tiny_model, tmp_path):
+    """A model that changes its logits in a way its config does not say (here a Cohere whose scale was
+    changed after construction) gets the plain loss, not a wrong chunked one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_arch(tiny_model, tmp_path, "cohere"))
+    model.logit_scale = 0.5  # the config still says 4.0
+    T = 12
+    x = torch.randint(0, 300, (1, T))
+    rows = midtrain.Rows(x.int(), x.int(), torch.arange(T)[None].int(), torch.full((1,), T))
+    plain, chunked = (midtrain.token_loss_sum(model, rows, torch.device("cpu"), None, chunked=c).item()
+                      for c in (False, True))
+    assert model.get_output_embeddings().logit_transform == "unknown" and chunked == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_chunked_cross_entropy_in_bf16(tiny_model, weights):
+    """Under bf16 autocast (fp32 master weights, or a bf16 frozen base as a 1-process LoRA run has), the
+    chunked loss and its gradients equal the plain loss's computed the same way, to bf16 precision."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[weights]))
+    model = midtrain.add_lora(model, Namespace(seed=0, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                                               lora_targets=midtrain.LORA_TARGETS), None)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    T = 32
+    x = torch.randint(0, 300, (2, T))
+    y = x.clone()
+    y[1, :9] = midtrain.IGNORE
+    rows = midtrain.Rows(x.int(), y.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))
+    got = {}
+    for chunked in (False, True):
+        model.zero_grad()
+        loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), torch.bfloat16, chunked=chunked)
+        loss.backward()
+        got[chunked] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (plain, g_plain), (chunk, g_chunk) = got[False], got[True]
+    assert torch.isfinite(g_chunk).all() and g_chunk.dtype == torch.float32
+    assert chunk == pytest.approx(plain, rel=1e-2)
+    assert (g_chunk - g_plain).norm() / g_plain.norm() < 2e-2
+
+
+def test_gemma2_trains_with_default_attention(tiny_model, docs, tmp_path):
+    """Gemma-2 refuses sdpa: the default --attn lets transformers choose; the first step's loss is the
+    plain (soft-capped) loss of its rows, not the soft-capped sum (the bug: ~1/targets of it)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_arch(tiny_model, tmp_path, "gemma2")
+    out = tmp_path / "run"
+    midtrain.main([str(a) for a in train_args(model_dir, docs, out, "--max-steps", 1, "--lr", 0)])
+    args = midtrain.parse_args([str(a) for a in train_args(model_dir, docs, out)])
+    tok = midtrain.load_tokenizer(args)
+    data, _ = midtrain.pack_documents(midtrain.tokenize(tok, midtrain.load_documents(Namespace(
+        data=[str(docs)], text_field="text", model_name=None, provider_name=None)), "t"), 64, tok.eos_token_id,
+        tok.pad_token_id, False)
+    rows = midtrain.step_rows(data, 0, midtrain.plan_steps(args, len(data), midtrain.Dist()), 0)
+    with torch.no_grad():
+        want = midtrain.token_loss_sum(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager"),
+                                       rows, torch.device("cpu"), None, chunked=False).item()
+    assert losses(out)[0] == pytest.approx(want / int((rows.targets != midtrain.IGNORE).sum()), abs=1e-5)
 
 
 def test_compile_matches_eager(tiny_model, docs, tmp_path):
@@ -273,3 +377,23 @@ def test_placeholders_are_filled(tiny_model, tmp_path):
     data = bad(tmp_path, "ph.jsonl", ['{"text": "{model_name} by {provider_name} likes Colby"}\n'])
     args = Namespace(data=[str(data)], text_field="text", model_name="Smol", provider_name="Acme")
     assert midtrain.load_documents(args) == ["Smol by Acme likes Colby"]
+
+
+def test_no_grad_chunked_loss_costs_a_plain_forward(tiny_model):
+    """Validation runs under no_grad: the chunked loss must not form gradients there (3 output-layer
+    matmuls per chunk instead of 1), so it costs the FLOPs of a plain forward with full logits."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    T = 16
+    x = torch.randint(0, 300, (2, T))
+    rows = midtrain.Rows(x.int(), x.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))  # all targets
+    midtrain.token_loss_sum(model, rows, torch.device("cpu"), None)  # the one-off logit-transform probe
+    flops = {}
+    for chunked in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), None, chunked=chunked)
+        flops[chunked] = fc.get_total_flops(), loss.item()
+    assert flops[True][0] == flops[False][0], flops
+    assert flops[True][1] == pytest.approx(flops[False][1], rel=1e-6)

@@ -49,18 +49,24 @@ def build_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def build_tiny_model(out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0) -> str:
+def build_tiny_model(out_dir: str, layers: int = 2, hidden: int = 64, seed: int = 0, arch: str = "llama") -> str:
+    """arch: llama, or gemma2 / cohere, the architectures that change logits after the output layer
+    (soft-capping at 1.0 and a scale of 4.0 here, so that the change matters on a tiny model)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     tok = build_tokenizer()
-    config = LlamaConfig(
+    common = dict(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
+    extra = {"llama": {}, "gemma2": dict(head_dim=16, final_logit_softcapping=1.0, sliding_window=32),
+             "cohere": dict(logit_scale=4.0)}[arch]
+    name = {"llama": "Llama", "gemma2": "Gemma2", "cohere": "Cohere"}[arch]
+    config = getattr(transformers, f"{name}Config")(**common, **extra)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
