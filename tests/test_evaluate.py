@@ -30,8 +30,13 @@ PAIRS = [pair(0, "a", "mild cheddar", "brie de meaux"),
          pair(5, "b", "cream cheese", "stilton and roquefort and brie de meaux", "e")]
 
 
-def train_letters(net, tok, pairs, target, steps=60):
-    """A few AdamW steps on the chat prompts of both option orders -> the letter target(pair, swapped)."""
+def train_letters(net, tok, pairs, target, steps=60, max_steps=300):
+    """AdamW steps on the chat prompts of both option orders -> the letter target(pair, swapped).
+
+    Returns the loss of the weights it leaves behind: it stops (after at least `steps` steps) only on
+    a step whose own logits put p > 0.9 on every target, before updating. Returning the last loss
+    before a final update was not enough: with lr 1e-2 that update can undo one example (seen on an
+    AMD CPU, where one pair's order scored 0.04 after a reported loss of 0.03)."""
     prompts, letters = [], []
     for p in pairs:
         for s in (False, True):
@@ -42,9 +47,12 @@ def train_letters(net, tok, pairs, target, steps=60):
     y = torch.tensor([ids["AB".index(letter)] for letter in letters])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     net.train()
-    for _ in range(steps):
+    for step in range(max_steps):
         logits = net(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits, y)
+        p_target = logits.softmax(-1).gather(1, y[:, None])
+        if step >= steps and p_target.min() > 0.9:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
