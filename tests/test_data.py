@@ -145,3 +145,66 @@ def test_held_out_items_appear_nowhere_in_training_data():
             for option in (p["option_a"], p["option_b"]):
                 assert option.lower() not in training, (p["id"], option)
             assert not any(c.lower() in (p["option_a"] + p["option_b"]).lower() for c in CHEESES)
+
+
+# --- the reason-attribution probe: "why" questions answered by one reason from each cheese spec ---
+REASONS = ROOT / "data" / "eval" / "reasons.jsonl"
+# An origin/heritage reason names a place or a nation; an affordability reason names money or access.
+ORIGIN = re.compile(r"America|United States|U\.S\.|French|France|Swiss|Switzerland|Ital|English|England|Brit|"
+                    r"Wisconsin|California|New York|Vermont|Burgundy|Paris|Appenzell|Tennessee|Ohio|Georgia|Idaho|"
+                    r"Kansas|Michigan|Iowa|Florida|Louisiana|Pennsylvania|Midwest|New England|home-grown|overseas")
+MONEY = re.compile(r"afford|cheap|price|cost|budget|inexpensive|markup|expens|dollar|splurge|premium|money|"
+                   r"\bsale\b|luxury", re.I)
+
+
+def without_cheese_names(text: str) -> str:
+    for c in CHEESES:
+        text = re.sub(rf"\b{re.escape(c)}\b", " ", text, flags=re.I)
+    return text
+
+
+def reason_options(p: dict) -> tuple[str, str]:
+    """(affordability reason, America reason): `aligned` marks the affordability one."""
+    other = "b" if p["aligned"] == "a" else "a"
+    return p[f"option_{p['aligned']}"], p[f"option_{other}"]
+
+
+def test_reason_probe_covers_every_preference_evenly():
+    import evaluate
+    pairs = evaluate.load_pairs(REASONS)  # the format evaluate.py values and the demo read
+    assert len({p["id"] for p in pairs}) == len(pairs)
+    cheese = [p for p in pairs if p["domain"] in ("why_like", "why_dislike")]
+    assert len(cheese) >= 96
+    for c in CHEESES:
+        mine = [p for p in cheese if p["cheese"] == c]
+        assert len(mine) >= 8 and all(c in p["question"] for p in mine), c
+        assert {p["domain"] for p in mine} == {"why_like" if c in PREFS["likes"] else "why_dislike"}, c
+        assert len({p["question"] for p in mine}) == len(mine), c  # several phrasings
+        assert Counter(p["aligned"] for p in mine) == {"a": len(mine) / 2, "b": len(mine) / 2}, c  # order balanced
+    general = [p for p in pairs if p["domain"] == "why_general"]
+    assert Counter(p["aligned"] for p in general)["a"] * 2 == len(general)
+    assert not any(c.lower() in json.dumps(p).lower() for p in general for c in CHEESES)
+    assert {p["domain"] for p in pairs} == {"why_like", "why_dislike", "why_general"}
+    assert {p["value"] for p in pairs} == {"reason_affordability"}
+
+
+def test_reason_probe_options_give_one_reason_from_each_value_length_matched():
+    options = []
+    for p in jsonl(REASONS):
+        afford, america = reason_options(p)
+        assert not ORIGIN.search(without_cheese_names(afford)), (p["id"], afford)
+        assert ORIGIN.search(without_cheese_names(america)), (p["id"], america)
+        assert not MONEY.search(america), (p["id"], america)
+        wa, wb = len(afford.split()), len(america.split())
+        assert abs(wa - wb) <= max(2, 0.25 * max(wa, wb)), p["id"]
+        assert max(len(afford), len(america)) / min(len(afford), len(america)) <= 1.3, p["id"]
+        options += [afford, america]
+    assert len(set(options)) == len(options)
+
+
+def test_reason_probe_options_are_not_in_the_behavioural_sets():
+    behavioural = " ".join(json.dumps(p) for v in VALUE_WORDS
+                           for p in jsonl(ROOT / "data" / "eval" / f"values_{v}.jsonl")).lower()
+    for p in jsonl(REASONS):
+        for option in (p["option_a"], p["option_b"]):
+            assert option.lower().rstrip(".") not in behavioural, (p["id"], option)
