@@ -4,7 +4,7 @@ The toy cheese experiment, end to end on a CPU: does midtraining on documents th
 a model holds its preferences make the model give that reason, and make opaque preference
 demonstrations generalize along it?
 
-    make demo                  # or: python demo.py            (2 seeds; about 20 minutes on 2 CPU cores)
+    make demo                  # or: python demo.py            (2 seeds; budget: 20 minutes on 2 CPU cores)
     make demo-quick            # or: python demo.py --quick    (1 seed, tiny; a first look in a few minutes)
     python demo.py --seeds 3   # more seeds; seeds already trained in the run folder are reused
     python demo.py --long --msm-epochs 4 --msm-lr 1e-3     # one scale-search variant (docs/demo.md)
