@@ -89,3 +89,21 @@ def test_report_writes_table_json_and_chart(tmp_path):
     assert summary["recipe"]["msm_epochs"] == 1.0 and summary["seeds"] == [0, 1] and summary["minutes"] == 10.0
     assert summary["arms"]["MSM(afford)"]["reasons_general"]["changes"] == pytest.approx([0.1, 0.3])
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_scores_are_reused_only_for_the_same_pairs(tmp_path, monkeypatch):
+    import evaluate
+    sets = {k: v[:2] for k, v in demo.eval_sets(demo.RECIPES["quick"]).items()}
+    calls = []
+    monkeypatch.setattr(evaluate, "load_policy", lambda model, adapter: (None, None))  # no model needed here
+    monkeypatch.setattr(evaluate, "score_pairs", lambda net, tok, pairs, **kw: calls.append(len(pairs)) or
+                        [{"id": p["id"], "p_aligned": 0.5} for p in pairs])
+    cache = tmp_path / "arm.json"
+    first = demo.score_arm("model", None, sets, cache, stale=False, desc="base")
+    assert len(calls) == len(demo.SETS) and [r["id"] for r in first["cheese"]] == [p["id"] for p in sets["cheese"]]
+    assert demo.score_arm("model", None, sets, cache, stale=False, desc="base") == first and len(calls) == 5
+    sets["reasons"] = sets["reasons"][:1]  # other pairs for one set: only that set is scored again
+    demo.score_arm("model", None, sets, cache, stale=False, desc="base")
+    assert calls[5:] == [1]
+    demo.score_arm("model", None, sets, cache, stale=True, desc="base")  # a retrained arm: everything again
+    assert len(calls) == 11
