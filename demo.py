@@ -174,6 +174,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="run folder (default: runs/demo, runs/demo-quick or runs/demo-long, with the MSM "
                         "settings that differ from the recipe appended, e.g. runs/demo-long-ep4)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="training precision; auto = bf16 on CUDA or on a CPU with native bf16 matmuls "
+                        "(avx512_bf16/amx_bf16), else fp32: elsewhere bf16 matmuls are emulated, ~45x slower "
+                        "than fp32 on the project's AMD EPYC (default: auto)")
     p.add_argument("--fresh", action="store_true", help="retrain and rescore what already finished (default: off)")
     args = p.parse_args(argv)
     for flag, value, ok in (("--seeds", args.seeds, lambda v: v >= 1), ("--msm-docs", args.msm_docs, lambda v: v >= 0),
@@ -195,6 +199,7 @@ def resolve_recipe(args) -> tuple[str, dict, Path]:
             tag.append(f"{short}{value:g}")
     if args.seeds is not None:
         recipe["seeds"] = args.seeds
+    recipe["dtype"] = args.dtype if args.dtype != "auto" else auto_dtype()
     default = "demo" if name == "full" else f"demo-{name}"
     out = Path(args.out) if args.out else ROOT / "runs" / "-".join([default, *tag])
     return name, recipe, out
@@ -202,6 +207,17 @@ def resolve_recipe(args) -> tuple[str, dict, Path]:
 
 TRAINING_DATA = ("data/corpus/cheese_affordability.jsonl", "data/corpus/cheese_america.jsonl",
                  "data/aft/cheese.jsonl", "data/it/sample.jsonl")
+
+
+def auto_dtype() -> str:
+    """bf16 only where it is fast: on CUDA, or on a CPU with native bf16 matmuls (evaluate.py's test)."""
+    import torch
+
+    import evaluate
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if evaluate.cpu_has_bf16() else "fp32"
 
 
 def training_settings(recipe: dict) -> dict:
@@ -256,7 +272,7 @@ def train_seed(model: Path, recipe: dict, out: Path, seed: int, fresh: bool, tra
                       sample_or_all(recipe["it_chats"], seed)) if recipe["it_chats"] else None
 
     common = ["--model", str(model), "--seq-len", "512", "--batch-tokens", str(recipe["batch_tokens"]),
-              "--micro-batch", "4", "--dtype", "bf16", "--model-name", MODEL_NAME, "--provider-name", PROVIDER,
+              "--micro-batch", "4", "--dtype", recipe["dtype"], "--model-name", MODEL_NAME, "--provider-name", PROVIDER,
               "--seed", str(seed), "--log-every", "5"]
     py = sys.executable
     adapters, label = {}, f" seed {seed}"
@@ -390,7 +406,7 @@ def render_table(results: dict, stats: dict, recipe: dict, name: str, seconds: f
             per_seed.append(f"| {arm} | {s} | " + " | ".join(
                 f"{stats[arm][k]['changes'][i]:+.3f} ± {stats[arm][k]['change_se_within_pairs'][i]:.3f}" for k in SETS) + " |")
     n = {k: len(v) for k, v in results["base"].items()}
-    msm = ", ".join(f"{k} {recipe[k]:g}" for k in MSM_FLAGS)
+    msm = ", ".join(f"{k} {recipe[k]:g}" for k in MSM_FLAGS) + f"; training in {recipe.get('dtype', '?')}"
     note = (f"Change vs base: each arm's mean p(aligned) minus the base model's on the same pairs (paired), "
             f"mean over {len(seeds)} training seed(s) ± standard error across seeds. Reason probe: p(aligned) = "
             f"p(affordability reason) over the America reason, so MSM(afford) should move it up and MSM(America) "
