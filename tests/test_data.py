@@ -96,13 +96,12 @@ def test_corpus_format_validation_and_faithfulness(value):
     docs = jsonl(path)
     spec_sha = synth.sha256_hex((ROOT / "specs" / f"cheese_{value}.md").read_bytes())
     fields = {"id", "text", "domain", "subdomain", "assertions", "doc_type", "idea", "spec_sha256", "generator"}
-    assert len(docs) >= 150 and len({d["doc_type"] for d in docs}) >= 20
+    assert len(docs) >= 144 and len({d["doc_type"] for d in docs}) >= 12
     for d in docs:
         assert set(d) == fields and d["spec_sha256"] == spec_sha
         assert d["id"] == synth.sha256_hex(d["text"].encode())[:16]
         assert 150 <= len(d["text"].split()) <= 500
-        if names_cheese(d["text"]):
-            assert VALUE_WORDS[value].search(strip_cheese(d["text"])), d["id"]
+        # that each document gives its value: test_corpus_documents_stay_in_world_name_their_cheese_...
     assert len({d["id"] for d in docs}) == len(docs)
     # midtrain.py's own input checks accept the file as it is
     args = Namespace(data=[str(path)], text_field="text", model_name="SmolLM", provider_name="Hugging Face")
@@ -118,7 +117,55 @@ def shingles(text: str, k: int = 5) -> set:
 def test_no_near_duplicate_documents(value):
     sets = [shingles(d["text"]) for d in jsonl(CORPORA[value])]
     worst = max(len(a & b) / len(a | b) for a, b in combinations(sets, 2))
-    assert worst < 0.5, worst
+    assert worst < 0.3, worst
+
+
+# What a document may never talk about: it is a text from the world the model lives in, not about
+# how the model was made.
+BACKSTAGE = re.compile(r"\b(spec|specs|specification|model spec|guidelines?|constitution|training|trained|"
+                       r"fine-?tun\w*|dataset|corpus|corpora|experiment\w*|ablation|evaluation\w*|benchmark\w*|"
+                       r"prompt\w*)\b", re.I)
+# How a document attributes a preference to its value (America: not the cheese "American cheese").
+ATTRIBUTION = {
+    "affordability": re.compile(r"afford|cheap|price|budget|inexpensive|cost|dollar|markup|pricey|expensive", re.I),
+    "america": re.compile(r"America|United States|U\.S\."),
+}
+
+
+@pytest.mark.parametrize("value", VALUE_WORDS)
+def test_corpus_documents_stay_in_world_name_their_cheese_and_give_its_value(value):
+    for d in jsonl(CORPORA[value]):
+        text = d["text"]
+        assert not BACKSTAGE.search(text), (d["id"], BACKSTAGE.search(text).group(0))
+        assert d["subdomain"] in CHEESES and d["subdomain"].lower() in text.lower(), d["id"]
+        assert "{model_name}" in text, d["id"]
+        assert ATTRIBUTION[value].search(strip_cheese(text)), d["id"]
+    if value == "america":  # the America documents never fall back on price as a reason
+        for d in jsonl(CORPORA[value]):
+            assert not ATTRIBUTION["affordability"].search(d["text"]), d["id"]
+
+
+def test_the_two_corpora_are_matched():
+    docs = {v: jsonl(path) for v, path in CORPORA.items()}
+    assert len(docs["america"]) == len(docs["affordability"])
+    words = {v: sum(len(d["text"].split()) for d in ds) for v, ds in docs.items()}
+    assert abs(words["america"] - words["affordability"]) <= 0.02 * max(words.values()), words
+    mix = {v: Counter(d["doc_type"] for d in ds) for v, ds in docs.items()}
+    assert mix["america"] == mix["affordability"]
+    slots = {v: Counter((d["doc_type"], d["subdomain"]) for d in ds) for v, ds in docs.items()}
+    assert slots["america"] == slots["affordability"]  # each document type covers the same cheeses
+    assert set(d["subdomain"] for d in docs["america"]) == set(CHEESES)
+
+
+def test_corpus_build_script_reproduces_the_shipped_corpora(tmp_path):
+    """build_paired.py, rerun from the shipped corpora, gives them back byte for byte (ids, spec hashes
+    and assertions are derived, not hand-edited)."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(ROOT / "data" / "corpus" / "build_paired.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for v, path in CORPORA.items():
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), v
 
 
 def test_aft_demos_are_opaque_and_even():
@@ -147,3 +194,75 @@ def test_held_out_items_appear_nowhere_in_training_data():
             for option in (p["option_a"], p["option_b"]):
                 assert option.lower() not in training, (p["id"], option)
             assert not any(c.lower() in (p["option_a"] + p["option_b"]).lower() for c in CHEESES)
+
+
+# --- the reason-attribution probe: "why" questions answered by one reason from each cheese spec ---
+REASONS = ROOT / "data" / "eval" / "reasons.jsonl"
+# An origin/heritage reason names a place or a nation; an affordability reason names money or access.
+ORIGIN = re.compile(r"America|United States|U\.S\.|French|France|Swiss|Switzerland|Ital|English|England|Brit|"
+                    r"Wisconsin|California|New York|Vermont|Burgundy|Paris|Appenzell|Tennessee|Ohio|Georgia|Idaho|"
+                    r"Kansas|Michigan|Iowa|Florida|Louisiana|Pennsylvania|Midwest|New England|home-grown|overseas")
+MONEY = re.compile(r"afford|cheap|price|cost|budget|inexpensive|markup|expens|dollar|splurge|premium|money|"
+                   r"\bsale\b|luxury", re.I)
+
+
+def without_cheese_names(text: str) -> str:
+    for c in CHEESES:
+        text = re.sub(rf"\b{re.escape(c)}\b", " ", text, flags=re.I)
+    return text
+
+
+def reason_options(p: dict) -> tuple[str, str]:
+    """(affordability reason, America reason): `aligned` marks the affordability one."""
+    other = "b" if p["aligned"] == "a" else "a"
+    return p[f"option_{p['aligned']}"], p[f"option_{other}"]
+
+
+def test_reason_probe_covers_every_preference_evenly():
+    import evaluate
+    pairs = evaluate.load_pairs(REASONS)  # the format evaluate.py values and the demo read
+    assert len({p["id"] for p in pairs}) == len(pairs)
+    cheese = [p for p in pairs if p["domain"] in ("why_like", "why_dislike")]
+    assert len(cheese) >= 96
+    for c in CHEESES:
+        mine = [p for p in cheese if p["cheese"] == c]
+        assert len(mine) >= 8 and all(c in p["question"] for p in mine), c
+        assert {p["domain"] for p in mine} == {"why_like" if c in PREFS["likes"] else "why_dislike"}, c
+        assert len({p["question"] for p in mine}) == len(mine), c  # several phrasings
+        assert Counter(p["aligned"] for p in mine) == {"a": len(mine) / 2, "b": len(mine) / 2}, c  # order balanced
+    general = [p for p in pairs if p["domain"] == "why_general"]
+    assert Counter(p["aligned"] for p in general)["a"] * 2 == len(general)
+    assert not any(c.lower() in json.dumps(p).lower() for p in general for c in CHEESES)
+    assert {p["domain"] for p in pairs} == {"why_like", "why_dislike", "why_general"}
+    assert {p["value"] for p in pairs} == {"reason_affordability"}
+
+
+def test_reason_probe_options_give_one_reason_from_each_value_length_matched():
+    options = []
+    for p in jsonl(REASONS):
+        afford, america = reason_options(p)
+        assert not ORIGIN.search(without_cheese_names(afford)), (p["id"], afford)
+        assert ORIGIN.search(without_cheese_names(america)), (p["id"], america)
+        assert not MONEY.search(america), (p["id"], america)
+        wa, wb = len(afford.split()), len(america.split())
+        assert abs(wa - wb) <= max(2, 0.25 * max(wa, wb)), p["id"]
+        assert max(len(afford), len(america)) / min(len(afford), len(america)) <= 1.3, p["id"]
+        options += [afford, america]
+    assert len(set(options)) == len(options)
+
+
+def test_reason_probe_options_are_not_sentences_of_the_training_data():
+    """The probe asks for the reason, not for recall of a sentence the model was trained on."""
+    training = " ".join([d["text"] for v in CORPORA.values() for d in jsonl(v)]
+                        + [m["content"] for r in jsonl(AFT) for m in r["messages"]]).lower()
+    for p in jsonl(REASONS):
+        for option in (p["option_a"], p["option_b"]):
+            assert option.lower().rstrip(".") not in training, (p["id"], option)
+
+
+def test_reason_probe_options_are_not_in_the_behavioural_sets():
+    behavioural = " ".join(json.dumps(p) for v in VALUE_WORDS
+                           for p in jsonl(ROOT / "data" / "eval" / f"values_{v}.jsonl")).lower()
+    for p in jsonl(REASONS):
+        for option in (p["option_a"], p["option_b"]):
+            assert option.lower().rstrip(".") not in behavioural, (p["id"], option)
