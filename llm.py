@@ -61,12 +61,6 @@ import openai
 from tqdm import tqdm
 
 
-def die(msg, code=2):
-    """The project's error style: a one-line message naming the input, then exit 2."""
-    print(msg, file=sys.stderr)
-    raise SystemExit(code)
-
-
 def sha256_hex(data):
     return hashlib.sha256(data if isinstance(data, bytes) else data.encode("utf-8")).hexdigest()
 
@@ -108,21 +102,21 @@ def probe_endpoint(endpoint):
         models = [m.id for m in client.models.list()]
     except openai.AuthenticationError:
         unset = "" if os.environ.get(env) else f" ({env} is not set)"
-        die(f"error: {url} rejected the API key (HTTP 401); put a valid key in the environment "
-            f"variable {env}{unset}, or name another variable with --api-key-env", 2)
+        die(f"{url} rejected the API key (HTTP 401); put a valid key in the environment "
+            f"variable {env}{unset}, or name another variable with --api-key-env")
     except openai.APIConnectionError as exc:
-        die(f"error: cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
-            f"running, and does --base-url end in /v1?", 2)
+        die(f"cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
+            f"running, and does --base-url end in /v1?")
     except openai.NotFoundError:
         print(f"warning: {url} has no /models route; not checking the model name", file=sys.stderr)
     except openai.APIStatusError as exc:
-        die(f"error: {url}/models answered HTTP {exc.status_code}", 2)
+        die(f"{url}/models answered HTTP {exc.status_code}")
     finally:
         client.close()
     if endpoint["check_model"] and models is not None and endpoint["model"] not in models:
         shown = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "")
-        die(f"error: model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
-            f" fix --model, or pass --no-model-check for a server that loads models on demand", 2)
+        die(f"model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
+            f" fix --model, or pass --no-model-check for a server that loads models on demand")
     endpoint["probed"] = True
 
 
@@ -598,3 +592,95 @@ def add_client_args(parser, retries_note=""):
     add("--no-model-check", action="store_true", help="do not check model names against the "
         "endpoint's /models list, for servers that load models on demand such as `transformers "
         "serve` (default: check)")
+
+
+# -----------------------------------------------------------------------------
+# Run plumbing shared by every stage script (synth.py, midtrain.py, finetune.py, evaluate.py)
+
+class InputError(SystemExit):
+    """Bad input, raised by die(): exits with status 2 when nothing catches it (a SystemExit, so
+    no `except Exception` swallows it); str() is the message."""
+
+    def __init__(self, msg):
+        super().__init__(2)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
+
+
+def die(msg):
+    """The project's one error style for bad input: prints "error: MSG" (one line that names the
+    input: a file, a flag, a record) and exits 2. Used by every stage and by the probe above."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise InputError(msg)
+
+
+PLACEHOLDER = {False: re.compile(r"\{(\w+)\}"), True: re.compile(r"\{\{\s*(\w+)\s*\}\}")}
+
+
+def fill(template, where="template", double=False, **values):
+    """Fill the placeholders {name} (double=True: {{name}}) whose name is in values, in one pass:
+    inserted text is never scanned again (a spec or a model reply may hold braces). Other braces
+    stay as they are (JSON examples in prompts, code in documents).
+
+    Errors name `where`: a value of None means a flag that was not given, so a placeholder whose
+    value is None ends the run naming that flag (midtrain: {model_name} in a corpus without
+    --model-name); with double=True, a syntax nothing else uses, a placeholder with no value at
+    all is an error too (evaluate's data files). Used by synth.py (prompts, the spec, criteria,
+    templates), midtrain.py (corpus texts) and evaluate.py (eval prompts)."""
+    unset, unknown = set(), set()
+
+    def one(m):
+        if m[1] not in values:
+            unknown.add(m[0])
+            return m[0]
+        if values[m[1]] is None:
+            unset.add(m[1])
+            return m[0]
+        return str(values[m[1]])
+    out = PLACEHOLDER[double].sub(one, template)
+    if unset:
+        die(f"{where}: text contains {{{min(unset)}}}; pass --{min(unset).replace('_', '-')}")
+    if double and unknown:
+        die(f"{where}: no value for placeholder(s) {', '.join(sorted(unknown))}")
+    return out
+
+
+def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):
+    """A request's sampling settings: part of its body, hence of its id. token_field is
+    max_completion_tokens for reasoning models that refuse max_tokens; extra_body (server
+    options) wins over the rest; more: e.g. seed. Used by synth.py (per stage) and evaluate.py
+    (per suite, for the policy endpoint and local generation)."""
+    return {"temperature": temperature, token_field: max_tokens, **more, **(extra_body or {})}
+
+
+def git_hash(root=None):
+    """The checkout's commit, or None outside a git checkout."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# Versions worth knowing to rerun a run: the pinned packages that shape its outputs.
+RUN_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "datasets", "openai", "datasketch")
+
+
+def run_info(args, **extra):
+    """What a run folder records about how it was made: the flags (API keys are never flags, only
+    the names of their variables), the command line, the package versions, the git commit, the
+    python version and the time; extra adds a stage's own facts. Every stage writes it: synth.py
+    as OUT/run.json, midtrain.py and finetune.py in each checkpoint, evaluate.py as config.json."""
+    from importlib import metadata
+    versions = {"python": sys.version.split()[0]}
+    for name in RUN_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"args": {k: v for k, v in vars(args).items() if not callable(v)}, "argv": sys.argv,
+            "versions": versions, "git": git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra}

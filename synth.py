@@ -33,23 +33,20 @@ import json
 import math
 import random
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import openai
-
 import llm
-from llm import (check_finished, die, ingest_batch_results, json_list, make_request, named_list,
-                 open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
+from llm import (check_finished, die, fill, ingest_batch_results, json_list, make_request,
+                 named_list, open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
 
 ROOT = Path(__file__).resolve().parent
 PROMPT_DIR = ROOT / "prompts"
 # One prompt file per stage; edit or fork them freely. Placeholders are {name} and are filled by
-# fill() below; any other braces (JSON examples) are left alone.
+# llm.fill(); any other braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
 
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
@@ -64,11 +61,6 @@ DEFAULT_MAX_TOKENS = {
 # Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad.
 EST_DOC_OUTPUT_TOKENS = 3500
 EST_IDEA_OUTPUT_TOKENS = 120
-
-
-def fill(template, **values):
-    """Replace {key} for the keys given; leave every other brace untouched (one pass)."""
-    return re.sub(r"\{(\w+)\}", lambda m: str(values[m[1]]) if m[1] in values else m[0], template)
 
 
 # Checks on a finished document; each failure regenerates the document (it is never written).
@@ -164,9 +156,8 @@ def make_deduper(threshold, unit="words", k=5, num_perm=128):
 # -----------------------------------------------------------------------------
 # Shared pipeline helpers
 
-def sampling_for(a, stage):
-    """Sampling settings of a stage: part of every request body, hence of every request id."""
-    return {"temperature": a.temperature, a.token_field: a.max_tokens[stage], **a.extra_body}
+def stage_sampling(a, stage):
+    return llm.sampling_for(a.temperature, a.max_tokens[stage], a.token_field, a.extra_body)
 
 
 STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
@@ -179,7 +170,7 @@ def ask(run, stage, prompts, validate, index=0, desc=None):
     against its own group; several samples of one prompt need different indexes)."""
     a = run.args
     indexes = index if isinstance(index, list) else [index] * len(prompts)
-    reqs = [make_request(stage, a.model, msgs, sampling_for(a, stage), i)
+    reqs = [make_request(stage, a.model, msgs, stage_sampling(a, stage), i)
             for msgs, i in zip(prompts, indexes)]
     if isinstance(validate, list):
         by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
@@ -398,7 +389,7 @@ def docs_documents(run, ideas, check):
     every round). -> (kept, dropped)."""
     a = run.args
     prompts = [user(document_prompt(run, idea)) for idea in ideas]
-    sampling = sampling_for(a, "documents")
+    sampling = stage_sampling(a, "documents")
     ids = [make_request("documents", a.model, p, sampling)["custom_id"] for p in prompts]
     replies = ask(run, "documents", prompts, [document_checker(
         a.min_doc_words, a.model_name, idea["doc_type"]["internal"], run.doc_flags)
@@ -643,16 +634,16 @@ def load_criteria(path, names):
         return list(DEFAULT_CRITERIA)
     p = Path(path)
     if not p.is_file():
-        die(f"error: criteria file not found: {path}")
+        die(f"criteria file not found: {path}")
     criteria = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("- "):
             m = CRITERION_LINE.fullmatch(line.strip())
             if not m:
-                die(f"error: {path}:{i}: expected '- `id`: text', got {line[:60]!r}")
+                die(f"{path}:{i}: expected '- `id`: text', got {line[:60]!r}")
             criteria.append((m[1], fill(m[2].strip(), **names)))
     if not criteria:
-        die(f"error: {path}: no criteria (lines of the form '- `id`: text')")
+        die(f"{path}: no criteria (lines of the form '- `id`: text')")
     return criteria
 
 
@@ -712,7 +703,7 @@ def chats_respond_and_filter(run, items, names, criteria):
     system = fill(PROMPTS[f"response_{a.style}"], **names)
     prompts = [[{"role": "system", "content": system}, {"role": "user", "content": it["question"]}]
                for it in items]
-    ids = [make_request("responses", a.model, p, sampling_for(a, "responses"))["custom_id"]
+    ids = [make_request("responses", a.model, p, stage_sampling(a, "responses"))["custom_id"]
            for p in prompts]
     replies = ask(run, "responses", prompts, parse_cot)
     answered = [{**it, "id": cid, **r["value"], "generator": r.get("model") or a.model}
@@ -931,16 +922,16 @@ def opaque_problems(item, names):
 def load_preferences(path):
     p = Path(path or "")
     if not path or not p.is_file():
-        die(f"error: --opaque needs --preferences FILE (a JSON file with 'likes' and 'dislikes'); "
+        die(f"--opaque needs --preferences FILE (a JSON file with 'likes' and 'dislikes'); "
             f"not found: {path}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         likes, dislikes = list(data["likes"]), list(data["dislikes"])
     except (ValueError, KeyError, TypeError) as exc:
-        die(f"error: {path}: expected {{\"likes\": [...], \"dislikes\": [...]}} ({exc})")
+        die(f"{path}: expected {{\"likes\": [...], \"dislikes\": [...]}} ({exc})")
     if not likes or not dislikes or set(likes) & set(dislikes) or not all(
             isinstance(x, str) and x.strip() for x in likes + dislikes):
-        die(f"error: {path}: likes and dislikes must be non-empty, disjoint lists of names")
+        die(f"{path}: likes and dislikes must be non-empty, disjoint lists of names")
     return {**{c: "like" for c in likes}, **{c: "dislike" for c in dislikes}}
 
 
@@ -1113,15 +1104,15 @@ def load_spec(path, model_name, provider_name):
     """Read and check the spec; {model_name}/{provider_name} filled; sha256 of the raw bytes."""
     p = Path(path or "")
     if not path or not p.is_file():
-        die(f"error: spec file not found: {path}")
+        die(f"spec file not found: {path}")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        die(f"error: spec file is not UTF-8 text: {path}")
+        die(f"spec file is not UTF-8 text: {path}")
     if not text.strip():
-        die(f"error: spec file is empty: {path}")
-    text = text.replace("{model_name}", model_name).replace("{provider_name}", provider_name)
+        die(f"spec file is empty: {path}")
+    text = fill(text, model_name=model_name, provider_name=provider_name)
     return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
 
 
@@ -1152,7 +1143,7 @@ def token_counter(args):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the same bad input
-        die(f"error: cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
+        die(f"cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
             f"folder or a model id already in the Hugging Face cache")
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -1162,7 +1153,7 @@ def parse_max_tokens(items):
     for item in items or []:
         stage, _, n = item.partition("=")
         if stage not in out or not n.isdigit():
-            die(f"error: --max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
+            die(f"--max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
         out[stage] = int(n)
     return out
 
@@ -1260,34 +1251,22 @@ def parse_args(argv=None):
     for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
                  "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
         if getattr(args, flag, 1) < 1:
-            die(f"error: --{flag.replace('_', '-')} must be at least 1")
+            die(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch_max_mb <= 0:
-        die("error: --batch-max-mb must be above 0")
+        die("--batch-max-mb must be above 0")
     if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
-        die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
+        die("--max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
     if getattr(args, "target_tokens", None) is not None and (
             args.target_tokens < 1 or not args.tokenizer):
-        die("error: --target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
+        die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
             "the model to be trained)")
     args.max_tokens = parse_max_tokens(args.max_tokens)
     try:
         args.extra_body = json.loads(args.extra_body or "{}")
         assert isinstance(args.extra_body, dict)
     except (ValueError, AssertionError):
-        die(f"error: --extra-body must be a JSON object, got {args.extra_body!r}")
+        die(f"--extra-body must be a JSON object, got {args.extra_body!r}")
     return args
-
-
-def run_info(args):
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    import datasketch
-    return {"args": {k: v for k, v in vars(args).items()}, "argv": sys.argv, "git": git,
-            "versions": {"python": sys.version.split()[0], "openai": openai.__version__,
-                         "datasketch": datasketch.__version__}}
 
 
 def finish(run, result, t0, interrupted=False):
@@ -1326,7 +1305,7 @@ def main(argv=None):
     opaque = args.command == "chats" and args.opaque
     offline = args.command == "chats" and args.offline
     if offline and not opaque:
-        die("error: --offline only works with chats --opaque")
+        die("--offline only works with chats --opaque")
     if offline:  # templates only: no endpoint, no cache, just the data file
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -1337,7 +1316,7 @@ def main(argv=None):
             print(run.shortfall, file=sys.stderr)
         return 1 if run.shortfall or result["rejected"] else 0
     if not args.model:
-        die("error: --model is required (the generator's name at the endpoint)")
+        die("--model is required (the generator's name at the endpoint)")
     spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1349,7 +1328,7 @@ def main(argv=None):
                           stages={}, count_tokens=token_counter(args), doc_flags={},
                           framing=getattr(args, "framing", None) or (
                               spec_framing(args.spec) if spec else None))
-    (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
+    (out / "run.json").write_text(json.dumps(llm.run_info(args), indent=1, ensure_ascii=False))
     (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
     if args.batch_results:
         counts = ingest_batch_results(args.batch_results, out / "cache")
