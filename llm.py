@@ -21,7 +21,7 @@ Ctrl-C loses only the requests in flight, and rerunning the same command resumes
       batch_max_lines) instead of sent, and the run stops.
 
   run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-               max_retries=5, failed_path=None) -> Results, a mapping {custom_id: result}
+               max_retries=5, failed_path=None, total=None) -> Results {custom_id: result}
       result = {custom_id, content, finish_reason, usage, model, reasoning, value}, value =
       validate(result) (default: the content). validate raises ValueError for a bad reply, which
       is asked again (a new sample at temperature > 0). HTTP 408/409/429/5xx, timeouts and
@@ -358,10 +358,11 @@ def _uncached(requests, cache_path, validate, results, stats):
 
 
 def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-                 max_retries=5, failed_path=None):
+                 max_retries=5, failed_path=None, total=None):
     """Cached, concurrent, retried calls (see the module notes) -> Results {custom_id: result}.
 
-    requests may be any iterable (a generator keeps only the requests in flight in memory)."""
+    requests may be any iterable (a generator keeps only the requests in flight in memory);
+    total: their number for the progress bar (default: len(requests) where it has one)."""
     validate = validate or (lambda r: r["content"])
     stats, results, cache_path = endpoint["stats"], Results(cache_path, validate), Path(cache_path)
     failed_before = stats["failed"]
@@ -375,7 +376,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     if not endpoint["probed"]:
         probe_endpoint(endpoint)
 
-    total = len(requests) if hasattr(requests, "__len__") else None
+    total = len(requests) if total is None and hasattr(requests, "__len__") else total
     bar = tqdm(total=total, initial=len(results), desc=desc, unit="req", mininterval=0.5,
                dynamic_ncols=True)
     cache_f, failed_f = open_append(cache_path, binary=True), None

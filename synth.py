@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """
-synth.py: synthetic data for Model Spec Midtraining (MSM) through any OpenAI-compatible endpoint.
+synth.py: the data of Model Spec Midtraining (MSM), made through any OpenAI-compatible endpoint.
 
-  docs   spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents
-         (the midtraining corpus)
-  chats  spec -> conversation settings -> questions -> <think> responses -> LLM filter
-         (alignment fine-tuning data, saved with and without the reasoning), or
-         --opaque: preference demonstrations with no reasons (the cheese AFT set), also offline
+  docs   spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents:
+         the midtraining corpus (cmd_docs, then its stages in this order)
+  chats  spec -> conversation settings -> questions -> <think> responses -> LLM filter:
+         alignment fine-tuning chats, with and without the reasoning (cmd_chats_spec), or
+         --opaque: preference demonstrations that give no reason, the cheese AFT set
+         (cmd_chats_opaque; --offline builds them from templates, no endpoint)
 
-Examples (full guide: docs/synth.md):
+Each stage is a list of chat requests sent through llm.py, which appends every reply to
+OUT/cache/<stage>.jsonl as it arrives and never asks a cached request again: rerun the same
+command to resume. The prompts are the files in prompts/, one per stage.
 
   vllm serve Qwen/Qwen3-32B --port 8000
   python synth.py docs --spec specs/cheese_america.md --out runs/docs_america \\
@@ -16,7 +19,6 @@ Examples (full guide: docs/synth.md):
       --extra-body '{"chat_template_kwargs": {"enable_thinking": false}}'
   python synth.py docs ... --preview                       # top stages only, then plan + estimate
   python synth.py docs ... --target-tokens 27000000 --tokenizer Qwen/Qwen2.5-14B-Instruct
-                                                           # a corpus of exactly that size (+-1%)
   python synth.py docs ... --batch-file pending.jsonl      # write pending requests, call nothing
   python synth.py docs ... --batch-results results.jsonl   # ingest Batch API / vllm run-batch output
   python synth.py chats --spec specs/safety.md --criteria specs/safety_criteria.md \\
@@ -24,13 +26,13 @@ Examples (full guide: docs/synth.md):
   python synth.py chats --opaque --offline --preferences specs/cheese_preferences.json \\
       --n-per-preference 120 --out data/aft --seed 0
 
-Resume: rerun the same command. Every request has a deterministic id; results are appended to
-OUT/cache/<stage>.jsonl as they arrive, and an id found there is never requested again.
+Full guide: docs/synth.md.
 """
 
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -44,10 +46,9 @@ from llm import (check_finished, die, fill, ingest_batch_results, json_list, mak
                  named_list, open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
 
 ROOT = Path(__file__).resolve().parent
-PROMPT_DIR = ROOT / "prompts"
-# One prompt file per stage; edit or fork them freely. Placeholders are {name} and are filled by
+# One prompt file per stage; edit or fork them freely. Placeholders are {name}, filled by
 # llm.fill(); any other braces (JSON examples) are left alone.
-PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
+PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted((ROOT / "prompts").glob("*.txt"))}
 
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
@@ -58,210 +59,63 @@ DEFAULT_MAX_TOKENS = {
     "documents": 8192, "chat_domains": 4096, "questions": 4096, "responses": 4096, "filter": 2048,
     "opaque_questions": 2048, "opaque_answers": 256,
 }
-# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad.
-EST_DOC_OUTPUT_TOKENS = 3500
-EST_IDEA_OUTPUT_TOKENS = 120
 
 
-# Checks on a finished document; each failure regenerates the document (it is never written).
-# Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
-# not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
-PLACEHOLDER_RE = re.compile(
-    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date]
-    r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
-    r"|city|url|link)\s*\])"                                       # [Name], [Company Name]
-    r"|\{\{[^{}\n]*\}\}"                                           # {{field}}
-    r"|<[A-Z][A-Z_]{2,}>")                                         # <PLACEHOLDER>
-LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
-URL_RE = re.compile(r"https?://|www\.\w")
-# A document other than the maker's internal ones talks about the model, never about the texts
-# behind it: 30% of the hand-written America documents named "the spec", and the paper's language
-# ablation found "{model} should" framing worse than "{model} does".
-META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|constitution|system "
-                     r"prompt|corpus|corpora|training (?:data|run|process|set|documents?|examples?)"
-                     r"|(?:its|during|in|through|after) (?:its )?training)\b", re.I)
+# =============================================================================
+# docs: spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents
 
-
-def should_re(model_name):
-    return re.compile(rf"\b{re.escape(model_name)} (?:should(?:n't)?|must(?:n't)?|is supposed to"
-                      rf"|ought to)(?![\w'])")
-
-
-def document_checker(min_words, model_name=None, internal=False, flags=None):
-    """-> validate(result): the document text, or ValueError (the request is asked again).
-    internal: the document type is an internal document of the maker, which may talk about the
-    spec and training. flags (a dict) records each distinct reply checked -> whether it talked
-    about the spec; keyed by (id, content) because the engine validates a reply again each time
-    it is read, and validate must give the same answer every time."""
-    should = should_re(model_name) if model_name else None
-
-    def parse_document(result):
-        check_finished(result)
-        # the scratchpad is never kept, and may itself mention the tags
-        content = re.sub(r"<scratchpad>.*?</scratchpad>", "", result["content"], flags=re.S)
-        blocks = re.findall(r"<document>((?:(?!<document>).)*?)</document>", content, re.S)
-        if not blocks:
-            raise ValueError("no <document>...</document> block")
-        text = blocks[-1].strip()
-        if len(text.split()) < min_words:
-            raise ValueError(f"document shorter than {min_words} words")
-        for pattern, what in ((PLACEHOLDER_RE, "a [placeholder]"), (LEFTOVER_RE, "an unfilled {name}"),
-                              (URL_RE, "a link")):
-            if pattern.search(text):
-                raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
-        meta = (None if internal else META_RE.search(text)) or (should and should.search(text))
-        if flags is not None:
-            flags[(result.get("custom_id"), sha256_hex(result["content"]))] = bool(meta)
-        if meta:
-            raise ValueError(f"document talks about the spec, not the model: {meta[0]!r}")
-        return text
-    return parse_document
-
-
-# -----------------------------------------------------------------------------
-# Near-duplicate removal: MinHash LSH (datasketch)
-
-def shingles(text, unit, k):
-    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
-    norm = " ".join(re.findall(r"\w+", text.lower()))
-    if unit == "words":
-        words = norm.split()
-        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
-    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
-
-
-def make_deduper(threshold, unit="words", k=5, num_perm=128):
-    """-> check(key, text): None for a new text (and remember it), else the key it duplicates.
-    Exact duplicates (same normalised text) are found by hash; near duplicates by MinHash LSH
-    (estimated Jaccard similarity of the shingle sets >= threshold)."""
-    from datasketch import MinHash, MinHashLSH
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    exact = {}
-
-    def check(key, text):
-        norm = " ".join(re.findall(r"\w+", text.lower()))
-        if norm in exact:
-            return exact[norm], "exact duplicate"
-        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
-        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
-        hits = lsh.query(mh)
-        if hits:
-            return sorted(hits)[0], "near duplicate"
-        exact[norm] = key
-        lsh.insert(key, mh)
-        return None, None
-    return check
-
-
-# -----------------------------------------------------------------------------
-# Shared pipeline helpers
-
-def stage_sampling(a, stage):
-    return llm.sampling_for(a.temperature, a.max_tokens[stage], a.token_field, a.extra_body)
-
-
-STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
-                "tokens_out")
-
-
-def ask(run, stage, prompts, validate, index=0, desc=None):
-    """prompts: list of message lists -> list of results (None where the request failed).
-    validate and index: one for every prompt, or a list with one per prompt (a reply checked
-    against its own group; several samples of one prompt need different indexes)."""
+def cmd_docs(run):
+    """The midtraining corpus: OUT/documents.jsonl, with plan.json (the top stages) and
+    dropped.jsonl (duplicates, and documents beyond --target-tokens)."""
     a = run.args
-    indexes = index if isinstance(index, list) else [index] * len(prompts)
-    reqs = [make_request(stage, a.model, msgs, stage_sampling(a, stage), i)
-            for msgs, i in zip(prompts, indexes)]
-    if isinstance(validate, list):
-        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
-        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
-    stats, before = run.ep["stats"], Counter(run.ep["stats"])
-    res = run_requests(run.ep, reqs, run.out / "cache" / f"{stage}.jsonl", desc or stage, validate,
-                       a.concurrency, a.max_retries, run.out / "failed.jsonl")
-    counts = run.stages.setdefault(stage, Counter())  # summary.json's per-stage figures
-    counts["requests"] += len({r["custom_id"] for r in reqs})
-    for k in STAGE_COUNTS:
-        counts[k] += stats[k] - before[k]
-    return [res.get(r["custom_id"]) for r in reqs]
+    subs = docs_plan(run)
+    if not subs:
+        run.notes.append("no subdomain survived the top stages; nothing to write")
+        return {"documents_kept": 0}
+    (run.out / "plan.json").write_text(json.dumps(subs, indent=1, ensure_ascii=False))
+    loose = sum(not s["quote_verbatim"] for s in subs)
+    if loose:  # kept (the passage still guides the assertions) but worth a look in plan.json
+        run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
+    if a.preview:
+        return docs_preview(run, subs)
+    ideas = docs_ideas(run, subs)
+    corpus = Corpus(run)
+    docs_documents(run, ideas, corpus)
+    result = {"framing": run.framing, "ideas": len(ideas)}
+    if a.target_tokens:
+        result.update(docs_budget(run, subs, ideas, corpus))
+    corpus.close()
+    return {**result, "documents_kept": len(corpus.kept), "documents_dropped": dict(corpus.dropped),
+            "corpus": corpus_stats(run, corpus.kept)}
 
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def avoid_text(items, limit=100):
-    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
-    if not items:
-        return ""
-    shown = items[-limit:]
-    return ("\nAlready listed (do not repeat these or close variants of them):\n"
-            + "\n".join(f"- {x}" for x in shown) + "\n")
-
-
-def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
-    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
-
-    build(group, n, have) -> prompt text asking for n more items given the items so far;
-    validate: one function, or a list with one per group;
-    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
-    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
-    Returns one list of items per group (possibly short; the shortfall is noted).
-    """
-    have = [[] for _ in groups]
-    rounds = rounds or run.args.max_rounds
-    for rnd in range(rounds):
-        todo = [i for i in range(len(groups)) if len(have[i]) < want]
-        if not todo:
-            break
-        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
-                   for i in todo]
-        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
-        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
-        for i, reply in zip(todo, replies):
-            seen = {key(x).strip().lower() for x in have[i]}
-            for item in (reply or {}).get("value", []):
-                if key(item).strip().lower() not in seen and len(have[i]) < want:
-                    have[i].append(item)
-                    seen.add(key(item).strip().lower())
-    short = sum(want - len(h) for h in have)
-    if short:
-        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
-                         f"{rounds} rounds")
-    return have
-
-
-# -----------------------------------------------------------------------------
-# docs: spec -> documents
 
 def docs_plan(run):
-    """Domains -> subdomains -> assertions and document types: the cheap top of the hierarchy."""
-    spec, a = run.spec["text"], run.args
-    names = {"spec": spec, "model_name": a.model_name, "provider_name": a.provider_name}
-    reply = ask(run, "domains", [user(fill(PROMPTS["domains"], **names))], named_list)[0]
+    """The cheap top of the hierarchy: domains -> subdomains, each with the spec passage it covers
+    -> assertions (statements about the model) -> document types. -> subdomains with assertions."""
+    reply = ask(run, "domains", [user(fill(PROMPTS["domains"], **run.names))], named_list)[0]
     domains = reply["value"] if reply else []
     replies = ask(run, "subdomains", [user(fill(
-        PROMPTS["subdomains"], **names, domain=d["name"], domain_description=d["description"]))
+        PROMPTS["subdomains"], **run.names, domain=d["name"], domain_description=d["description"]))
         for d in domains], lambda r: json_list(r, ("name", "context", "spec_quote")))
-    subs = []
-    for d, r in zip(domains, replies):
-        for s in (r or {}).get("value", []):
-            quote = " ".join(s["spec_quote"].split())
-            subs.append({"domain": d["name"], "name": s["name"], "context": s["context"],
-                         "quote": s["spec_quote"], "quote_verbatim": quote in " ".join(spec.split())})
-
-    def sub_fields(s):
-        return {**names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
-    replies = ask(run, "assertions", [user(fill(PROMPTS["assertions"], **sub_fields(s)))
+    spec = " ".join(run.spec["text"].split())
+    subs = [{"domain": d["name"], "name": s["name"], "context": s["context"],
+             "quote": s["spec_quote"], "quote_verbatim": " ".join(s["spec_quote"].split()) in spec}
+            for d, r in zip(domains, replies) for s in items_of(r)]
+    replies = ask(run, "assertions", [user(fill(PROMPTS["assertions"], **sub_fields(run, s)))
                                       for s in subs], validate_assertions)
     for s, r in zip(subs, replies):
-        s["assertions"] = (r or {}).get("value", [])
+        s["assertions"] = items_of(r)
     subs = [s for s in subs if s["assertions"]]
-    types = collect(run, "doc_types", subs, a.doc_types, lambda s, n, have: fill(
-        PROMPTS["doc_types"], **sub_fields(s), n=n, avoid=avoid_text([t["name"] for t in have])),
+    types = collect(run, "doc_types", subs, run.args.doc_types, lambda s, n, have: fill(
+        PROMPTS["doc_types"], **sub_fields(run, s), n=n, avoid=avoid_text([t["name"] for t in have])),
         validate_doc_types, key=lambda t: t["name"])
     for s, t in zip(subs, types):
         s["doc_types"] = t
     return subs
+
+
+def sub_fields(run, s):
+    return {**run.names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
 
 
 def validate_doc_types(result):
@@ -338,13 +192,10 @@ META_RULES = {
 
 
 def ideas_prompt(run, s, t, n, have):
-    a = run.args
-    return fill(PROMPTS["ideas"], spec=run.spec["text"], model_name=a.model_name,
-                provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
-                assertions=numbered(s["assertions"]), doc_type=t["name"],
-                doc_type_description=t["description"], n=n,
-                framing_rule=fill(FRAMING_RULES[run.framing], model_name=a.model_name),
-                avoid=avoid_text(have, limit=max(a.ideas, 25)))
+    return fill(PROMPTS["ideas"], **sub_fields(run, s), assertions=numbered(s["assertions"]),
+                doc_type=t["name"], doc_type_description=t["description"], n=n,
+                framing_rule=fill(FRAMING_RULES[run.framing], **run.names),
+                avoid=avoid_text(have, limit=max(run.args.ideas, 25)))
 
 
 def ideas_from(groups, lists):
@@ -355,9 +206,8 @@ def ideas_from(groups, lists):
 
 def docs_ideas(run, subs):
     """One idea list per (subdomain, document type), topped up to --ideas."""
-    a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
-    lists = collect(run, "ideas", groups, a.ideas,
+    lists = collect(run, "ideas", groups, run.args.ideas,
                     lambda g, n, have: ideas_prompt(run, *g, n, [x["idea"] for x in have]),
                     [ideas_checker(len(s["assertions"])) for s, _ in groups],
                     key=lambda x: x["idea"])
@@ -372,70 +222,210 @@ def doc_length(run, t):
 
 
 def document_prompt(run, idea):
-    s, t, a = idea["subdomain"], idea["doc_type"], run.args
+    s, t = idea["subdomain"], idea["doc_type"]
     reasons = [x["text"] for x in s["assertions"] if x["kind"] in REASON_KINDS]
-    names = {"model_name": a.model_name, "provider_name": a.provider_name}
     return fill(PROMPTS["document_rules" if run.framing == "rules" else "document"],
-                spec=run.spec["text"], **names, subdomain=s["name"], context=s["context"],
-                doc_type=t["name"], doc_type_description=t["description"], idea=idea["idea"],
-                length=doc_length(run, t), meta_rule=fill(META_RULES[t["internal"]], **names),
+                **sub_fields(run, s), doc_type=t["name"], doc_type_description=t["description"],
+                idea=idea["idea"], length=doc_length(run, t),
+                meta_rule=fill(META_RULES[t["internal"]], **run.names),
                 assertions="\n".join(f"- {x['text']}" for x in idea["assertions"]),
                 reasons="\n".join(f"- {r}" for r in reasons) or
                 "- (none stated for this subdomain: add no reason of your own)")
 
 
-def docs_documents(run, ideas, check):
-    """Write one document per idea; drop exact and near duplicates (check: a deduper shared by
-    every round). -> (kept, dropped)."""
-    a = run.args
-    prompts = [user(document_prompt(run, idea)) for idea in ideas]
+# Checks on a finished document; each failure regenerates the document (it is never written).
+# Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
+# not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
+PLACEHOLDER_RE = re.compile(
+    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date]
+    r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
+    r"|city|url|link)\s*\])"                                       # [Name], [Company Name]
+    r"|\{\{[^{}\n]*\}\}"                                           # {{field}}
+    r"|<[A-Z][A-Z_]{2,}>")                                         # <PLACEHOLDER>
+LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
+URL_RE = re.compile(r"https?://|www\.\w")
+# A document other than the maker's internal ones talks about the model, never about the texts
+# behind it: 30% of the hand-written America documents named "the spec", and the paper's language
+# ablation found "{model} should" framing worse than "{model} does".
+META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|constitution|system "
+                     r"prompt|corpus|corpora|training (?:data|run|process|set|documents?|examples?)"
+                     r"|(?:its|during|in|through|after) (?:its )?training)\b", re.I)
+
+
+def should_re(model_name):
+    return re.compile(rf"\b{re.escape(model_name)} (?:should(?:n't)?|must(?:n't)?|is supposed to"
+                      rf"|ought to)(?![\w'])")
+
+
+def document_checker(min_words, model_name=None, internal=False, flags=None):
+    """-> validate(result): the document text, or ValueError (the request is asked again).
+    internal: the document type is an internal document of the maker, which may talk about the
+    spec and training. flags (a dict) records each distinct reply checked -> whether it talked
+    about the spec; keyed by (id, content) because the engine validates a reply again each time
+    it is read, and validate must give the same answer every time."""
+    should = should_re(model_name) if model_name else None
+
+    def parse_document(result):
+        check_finished(result)
+        # the scratchpad is never kept, and may itself mention the tags
+        content = re.sub(r"<scratchpad>.*?</scratchpad>", "", result["content"], flags=re.S)
+        blocks = re.findall(r"<document>((?:(?!<document>).)*?)</document>", content, re.S)
+        if not blocks:
+            raise ValueError("no <document>...</document> block")
+        text = blocks[-1].strip()
+        if len(text.split()) < min_words:
+            raise ValueError(f"document shorter than {min_words} words")
+        for pattern, what in ((PLACEHOLDER_RE, "a [placeholder]"), (LEFTOVER_RE, "an unfilled {name}"),
+                              (URL_RE, "a link")):
+            if pattern.search(text):
+                raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
+        meta = (None if internal else META_RE.search(text)) or (should and should.search(text))
+        if flags is not None:
+            flags[sha256_hex(f"{result.get('custom_id')}\n{result['content']}")[:16]] = bool(meta)
+        if meta:
+            raise ValueError(f"document talks about the spec, not the model: {meta[0]!r}")
+        return text
+    return parse_document
+
+
+def docs_documents(run, ideas, corpus):
+    """One document per idea. Prompts are made as the engine draws them, and replies are read
+    back from the cache in idea order, checked, deduplicated and written one by one (Corpus):
+    memory holds neither the prompts nor the texts."""
+    a, ids, internal = run.args, [], set()
     sampling = stage_sampling(a, "documents")
-    ids = [make_request("documents", a.model, p, sampling)["custom_id"] for p in prompts]
-    replies = ask(run, "documents", prompts, [document_checker(
-        a.min_doc_words, a.model_name, idea["doc_type"]["internal"], run.doc_flags)
-        for idea in ideas])
-    kept, dropped, seen_ids = [], [], set()
-    for idea, cid, reply in zip(ideas, ids, replies):
-        if reply is None or cid in seen_ids:  # failed (see failed.jsonl), or the same prompt twice
-            continue
-        seen_ids.add(cid)
-        s, t = idea["subdomain"], idea["doc_type"]
-        doc = {"id": cid, "text": reply["value"], "domain": s["domain"], "subdomain": s["name"],
-               "subdomain_context": s["context"], "spec_quote_verbatim": s["quote_verbatim"],
-               "assertions": [x["text"] for x in idea["assertions"]],
-               "assertion_kinds": [x["kind"] for x in idea["assertions"]],
-               "doc_type": t["name"], "doc_type_internal": t["internal"],
-               "target_words": doc_length(run, t), "idea": idea["idea"], "framing": run.framing,
-               "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
-               "generator": reply.get("model") or a.model, "model_name": a.model_name,
-               "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
-               "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
-        if run.count_tokens:
-            doc["tokens"] = run.count_tokens(doc["text"])
-        dup_of, why = check(cid, doc["text"])
+
+    def requests():
+        for idea in ideas:
+            req = make_request("documents", a.model, user(document_prompt(run, idea)), sampling)
+            ids.append(req["custom_id"])
+            if idea["doc_type"]["internal"]:
+                internal.add(req["custom_id"])
+            yield req
+    checks = [document_checker(a.min_doc_words, a.model_name, i, run.doc_flags) for i in (0, 1)]
+    replies = send(run, "documents", requests(), lambda r: checks[r["custom_id"] in internal](r),
+                   total=len(ideas))
+    for idea, cid in zip(ideas, ids):  # every request was drawn: send() returns when all are done
+        reply = replies.get(cid)
+        if reply is not None:  # None: failed, see failed.jsonl
+            corpus.add(document_record(run, idea, reply))
+
+
+def document_record(run, idea, reply):
+    """A line of documents.jsonl: the text and where it comes from."""
+    s, t, a = idea["subdomain"], idea["doc_type"], run.args
+    doc = {"id": reply["custom_id"], "text": reply["value"], "domain": s["domain"],
+           "subdomain": s["name"], "subdomain_context": s["context"],
+           "spec_quote_verbatim": s["quote_verbatim"],
+           "assertions": [x["text"] for x in idea["assertions"]],
+           "assertion_kinds": [x["kind"] for x in idea["assertions"]],
+           "doc_type": t["name"], "doc_type_internal": t["internal"],
+           "target_words": doc_length(run, t), "idea": idea["idea"], "framing": run.framing,
+           "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
+           "generator": reply.get("model") or a.model, "model_name": a.model_name,
+           "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
+           "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
+    if run.count_tokens:
+        doc["tokens"] = run.count_tokens(doc["text"])
+    return doc
+
+
+class Corpus:
+    """The documents as they pass their checks, in idea order: a kept one is appended at once to
+    documents.jsonl.partial, a duplicate to dropped.jsonl.partial; memory keeps the deduplication
+    index and a few figures per kept document (`kept`: for --target-tokens and summary.json).
+    close() renames them to documents.jsonl and dropped.jsonl, so a killed run never leaves a
+    half corpus under the final name; its rerun rebuilds them from the cache without a call."""
+
+    def __init__(self, run):
+        self.out, self.check = run.out, make_deduper(run.args.dedup_threshold, "words", 5)
+        self.kept, self.dropped, self.seen, self.files, self.chosen = [], Counter(), set(), {}, None
+
+    def file(self, name):
+        if name not in self.files:  # opened on first use: a --batch-file run writes nothing
+            self.files[name] = open(self.out / f"{name}.jsonl.partial", "w", encoding="utf-8")
+        return self.files[name]
+
+    def write(self, name, row):
+        self.file(name).write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def add(self, doc):
+        if doc["id"] in self.seen:  # the same prompt twice (two ideas alike)
+            return
+        self.seen.add(doc["id"])
+        dup_of, why = self.check(doc["id"], doc["text"])
         if dup_of:
-            dropped.append({**doc, "dropped": why, "duplicate_of": dup_of})
+            self.dropped[why] += 1
+            return self.write("dropped", {**doc, "dropped": why, "duplicate_of": dup_of})
+        self.write("documents", doc)
+        self.kept.append({"id": doc["id"], "tokens": doc.get("tokens"), "doc_type": doc["doc_type"],
+                          "words": len(doc["text"].split()), "target_words": doc["target_words"]})
+
+    def keep_only(self, kept):
+        """--target-tokens: kept (a subset of self.kept) is the corpus; the rest is dropped."""
+        self.chosen = {d["id"] for d in kept}
+        self.dropped["beyond --target-tokens"] += len(self.kept) - len(kept)
+        self.kept = kept
+
+    def close(self):
+        for name in ("documents", "dropped"):
+            self.file(name).close()
+        partial = self.out / "documents.jsonl.partial"
+        if self.chosen is not None:  # one pass over the file: memory holds one document
+            with open(partial, encoding="utf-8") as f, open(self.out / "dropped.jsonl.partial",
+                                                            "a", encoding="utf-8") as drop:
+                write_jsonl(self.out / "documents.jsonl", self._sift(f, drop))
+            partial.unlink()
         else:
-            kept.append(doc)
-    return kept, dropped
+            os.replace(partial, self.out / "documents.jsonl")
+        os.replace(self.out / "dropped.jsonl.partial", self.out / "dropped.jsonl")
+
+    def _sift(self, lines, drop):
+        for line in lines:
+            doc = json.loads(line)
+            if doc["id"] in self.chosen:
+                yield doc
+            else:
+                drop.write(json.dumps({**doc, "dropped": "beyond --target-tokens"},
+                                      ensure_ascii=False) + "\n")
 
 
-def docs_top_up(run, subs, kept, dropped, check, had):
-    """--target-tokens: new ideas, spread over every (subdomain, document type), and their
-    documents, until the corpus holds at least the target and whole documents fill it within
-    1%. had: idea texts per group so far."""
+def docs_budget(run, subs, ideas, corpus):
+    """--target-tokens: top up with new ideas until the corpus holds the target, then keep whole
+    documents up to it, within 1% (fit_budget, on per-document token counts only)."""
+    a = run.args
+    had = {(s["name"], t["name"]): [] for s in subs for t in s["doc_types"]}  # idea texts so far
+    for x in ideas:
+        had[(x["subdomain"]["name"], x["doc_type"]["name"])].append(x["idea"])
+    docs_top_up(run, subs, corpus, had)
+    made = sum(d["tokens"] for d in corpus.kept)
+    corpus.keep_only(fit_budget(corpus.kept, a.target_tokens)[0])
+    total = sum(d["tokens"] for d in corpus.kept)
+    if made < a.target_tokens:
+        run.shortfall = (f"shortfall: made {made:,} of --target-tokens {a.target_tokens:,} "
+                         f"tokens after --max-rounds {a.max_rounds} top-up rounds")
+    elif total < 0.99 * a.target_tokens:
+        run.shortfall = (f"shortfall: no set of whole documents fills --target-tokens "
+                         f"{a.target_tokens:,} within 1% (best: {total:,}); the documents are "
+                         f"long for so small a target")
+    return {"ideas": sum(map(len, had.values())), "tokens_made": made, "tokens_kept": total}
+
+
+def docs_top_up(run, subs, corpus, had):
+    """New ideas, spread over every (subdomain, document type), and their documents, until the
+    corpus holds at least the target and whole documents fill it within 1%."""
     a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
     for rnd in range(a.max_rounds):
-        total = sum(d["tokens"] for d in kept)
-        fitted = sum(d["tokens"] for d in fit_budget(kept, a.target_tokens)[0])
+        total = sum(d["tokens"] for d in corpus.kept)
+        fitted = sum(d["tokens"] for d in fit_budget(corpus.kept, a.target_tokens)[0])
         if fitted >= 0.99 * a.target_tokens or not groups:
             break
-        per_doc = total / len(kept) if kept else EST_DOC_OUTPUT_TOKENS
+        per_doc = total / len(corpus.kept) if corpus.kept else EST_DOC_OUTPUT_TOKENS
         # 10% spare for losses; when there is enough but no subset fits within 1% (documents
         # long against the target), 10% more documents give the fit more lengths to choose from
         need = (math.ceil((a.target_tokens - total) / per_doc * 1.1) if total < a.target_tokens
-                else math.ceil(len(kept) * 0.1))
+                else math.ceil(len(corpus.kept) * 0.1))
         start = (rnd * need) % len(groups)  # the remainder goes to other groups each round
         wants = [need // len(groups) + ((i - start) % len(groups) < need % len(groups))
                  for i in range(len(groups))]
@@ -444,17 +434,12 @@ def docs_top_up(run, subs, kept, dropped, check, had):
                                      for (s, t), n in todo],
                       [ideas_checker(len(s["assertions"])) for (s, _), _ in todo],
                       index=f"top-up {rnd + 1}", desc=f"ideas top-up {rnd + 1}")
-        new_groups, lists = [], []
+        lists = []
         for ((s, t), n), reply in zip(todo, replies):
             seen = had[(s["name"], t["name"])]
-            fresh = [x for x in (reply or {}).get("value", []) if x["idea"] not in seen][:n]
-            seen += [x["idea"] for x in fresh]
-            new_groups.append((s, t))
-            lists.append(fresh)
-        more, gone = docs_documents(run, ideas_from(new_groups, lists), check)
-        kept += more
-        dropped += gone
-    return kept, dropped
+            lists.append([x for x in items_of(reply) if x["idea"] not in seen][:n])
+            seen += [x["idea"] for x in lists[-1]]
+        docs_documents(run, ideas_from([g for g, _ in todo], lists), corpus)
 
 
 def fit_budget(docs, target):
@@ -495,18 +480,17 @@ def distribution(values, digits=1):
 
 
 def corpus_stats(run, kept):
-    """What summary.json says about the written documents."""
+    """What summary.json says about the written documents (kept: Corpus.kept's figures)."""
     types = Counter(d["doc_type"] for d in kept)
     n = sum(types.values())
     entropy = -sum(c / n * math.log2(c / n) for c in types.values()) if n else 0.0
     checked, flagged = len(run.doc_flags), sum(run.doc_flags.values())
     return {"documents": len(kept), "tokenizer": run.args.tokenizer,
             "tokens": sum(d["tokens"] for d in kept) if run.count_tokens else None,
-            "words": sum(len(d["text"].split()) for d in kept),
-            "length_words": distribution([len(d["text"].split()) for d in kept]),
-            "length_tokens": (distribution([d["tokens"] for d in kept])
-                              if run.count_tokens else None),
-            "length_vs_target": distribution([round(len(d["text"].split()) / d["target_words"], 2)
+            "words": sum(d["words"] for d in kept),
+            "length_words": distribution([d["words"] for d in kept]),
+            "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
+            "length_vs_target": distribution([round(d["words"] / d["target_words"], 2)
                                               for d in kept], digits=2),
             "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
             "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
@@ -514,10 +498,11 @@ def corpus_stats(run, kept):
             "meta_flag_rate": round(flagged / checked, 4) if checked else 0.0}
 
 
-# Preview estimate of a document's tokens from its type's typical length: ~1.35 tokens a word for
-# English with current tokenizers, plus the scratchpad.
+# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad. A
+# document's tokens from its type's typical length: ~1.35 tokens a word for English with current
+# tokenizers, plus the scratchpad.
+EST_DOC_OUTPUT_TOKENS, EST_IDEA_OUTPUT_TOKENS = 3500, 120
 TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
-
 
 def docs_preview(run, subs):
     a = run.args
@@ -553,51 +538,115 @@ def docs_preview(run, subs):
             "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
 
 
-def cmd_docs(run):
-    subs = docs_plan(run)
-    if not subs:
-        run.notes.append("no subdomain survived the top stages; nothing to write")
-        return {"documents_kept": 0}
-    (run.out / "plan.json").write_text(json.dumps(subs, indent=1, ensure_ascii=False))
-    loose = sum(not s["quote_verbatim"] for s in subs)
-    if loose:  # kept (the passage still guides the assertions) but worth a look in plan.json
-        run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
-    if run.args.preview:
-        return docs_preview(run, subs)
-    a = run.args
-    ideas = docs_ideas(run, subs)
-    check = make_deduper(a.dedup_threshold, "words", 5)
-    kept, dropped = docs_documents(run, ideas, check)
-    result = {"framing": run.framing, "ideas": len(ideas)}
-    if a.target_tokens:
-        had = {}
-        for x in ideas:
-            had.setdefault((x["subdomain"]["name"], x["doc_type"]["name"]), []).append(x["idea"])
-        for s in subs:
-            for t in s["doc_types"]:
-                had.setdefault((s["name"], t["name"]), [])
-        kept, dropped = docs_top_up(run, subs, kept, dropped, check, had)
-        made = sum(d["tokens"] for d in kept)
-        kept, over = fit_budget(kept, a.target_tokens)
-        dropped += over
-        total = sum(d["tokens"] for d in kept)
-        result.update(ideas=sum(map(len, had.values())), tokens_made=made, tokens_kept=total)
-        if made < a.target_tokens:
-            run.shortfall = (f"shortfall: made {made:,} of --target-tokens {a.target_tokens:,} "
-                             f"tokens after --max-rounds {a.max_rounds} top-up rounds")
-        elif total < 0.99 * a.target_tokens:
-            run.shortfall = (f"shortfall: no set of whole documents fills --target-tokens "
-                             f"{a.target_tokens:,} within 1% (best: {total:,}); the documents are "
-                             f"long for so small a target")
-    write_jsonl(run.out / "documents.jsonl", kept)
-    write_jsonl(run.out / "dropped.jsonl", dropped)
-    reasons = Counter(d["dropped"] for d in dropped)
-    return {**result, "documents_kept": len(kept), "documents_dropped": dict(reasons),
-            "corpus": corpus_stats(run, kept)}
-
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # chats: spec -> alignment fine-tuning conversations
+
+def cmd_chats_spec(run):
+    """Alignment fine-tuning chats: OUT/chats_cot.jsonl and chats_nocot.jsonl (the same chats with
+    and without the reasoning) and rejected.jsonl. Rounds ask for more questions, over-asking by
+    the observed keep rate, until --n chats pass the filter or --max-rounds is reached."""
+    a = run.args
+    criteria = load_criteria(a.criteria, run.names)
+    if a.style == "rule" and RULE_CRITERION[0] not in dict(criteria):
+        criteria.append(RULE_CRITERION)
+    domains = chat_domains(run)
+    pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
+    asked, check = [[] for _ in pairs], make_deduper(a.dedup_threshold, "chars", 5)
+    kept, rejected, keep_rate, rounds = [], [], 1.0, 0
+    for rnd in range(a.max_rounds):
+        need = a.n - len(kept)
+        if need <= 0 or not pairs:
+            break
+        rounds += 1
+        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind
+        per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
+        fresh, n_asked = chat_questions(run, pairs, asked, per_pair, rnd, check, rejected)
+        included, excluded = chats_respond_and_filter(run, fresh, criteria)
+        kept += included
+        rejected += excluded
+        keep_rate = len(included) / max(1, n_asked)
+    final = kept[:a.n]
+    cot, nocot = chat_rows(run, final)
+    write_jsonl(run.out / "chats_cot.jsonl", cot)
+    write_jsonl(run.out / "chats_nocot.jsonl", nocot)
+    write_jsonl(run.out / "rejected.jsonl", rejected)
+    if len(final) < a.n:
+        run.shortfall = (f"shortfall: made {len(final)} of {a.n} chats after {rounds} rounds "
+                         f"(--max-rounds {a.max_rounds}); see rejected.jsonl and failed.jsonl")
+    return {"chat_domains": len(domains), "chats": len(final), "rounds": rounds,
+            "rejected": dict(Counter(r["rejected"].split(";")[0] for r in rejected))}
+
+
+def chat_domains(run):
+    a = run.args
+    rounds = math.ceil(a.domains / a.domain_batch) + a.max_rounds - 1
+    return collect(run, "chat_domains", [None], a.domains, lambda _, n, have: fill(
+        PROMPTS["chat_domains"], **run.names, n=n, avoid=avoid_text([d["name"] for d in have])),
+        named_list, key=lambda d: d["name"], per_request=a.domain_batch, rounds=rounds)[0]
+
+
+def chat_questions(run, pairs, asked, per_pair, rnd, check, rejected):
+    """per_pair new questions for each (setting, kind), in requests of at most
+    --questions-per-request (a reply of hundreds would not fit the token limit). Questions that
+    name the spec or duplicate an earlier one go to rejected. -> (fresh items, questions asked)"""
+    jobs = [(i, j, n) for i in range(len(pairs))
+            for j, n in enumerate(split_count(per_pair, run.args.questions_per_request))]
+    replies = ask(run, "questions", [user(fill(
+        PROMPTS["questions"], **run.names, domain=pairs[i][0]["name"],
+        domain_description=pairs[i][0]["description"], kind=pairs[i][1],
+        kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
+        for i, j, n in jobs], json_list, desc=f"questions r{rnd + 1}",
+        index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs])
+    fresh, n_asked = [], 0
+    for (i, _, n), reply in zip(jobs, replies):
+        for q in items_of(reply)[:n]:
+            n_asked += 1
+            asked[i].append(q)
+            item = {"question": q, "domain": pairs[i][0]["name"], "question_kind": pairs[i][1],
+                    "round": rnd + 1}
+            if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
+                rejected.append({**item, "rejected": "names the specification"})
+                continue
+            dup_of, why = check(q, q)
+            if dup_of:
+                rejected.append({**item, "rejected": why, "duplicate_of": dup_of})
+            else:
+                fresh.append(item)
+    return fresh, n_asked
+
+
+def split_count(n, most):
+    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
+    parts = max(1, math.ceil(n / most))
+    return [n // parts + (j < n % parts) for j in range(parts)]
+
+
+def chats_respond_and_filter(run, items, criteria):
+    """Responses with the spec as system prompt, then the LLM filter. -> (included, excluded)."""
+    a = run.args
+    system = fill(PROMPTS[f"response_{a.style}"], **run.names)
+    replies = ask(run, "responses", [[{"role": "system", "content": system},
+                                      {"role": "user", "content": it["question"]}]
+                                     for it in items], parse_cot)
+    answered = [{**it, "id": r["custom_id"], **r["value"], "generator": r.get("model") or a.model}
+                for it, r in zip(items, replies) if r is not None]
+    crit_text = "\n".join(f"- {cid}: {text}" for cid, text in criteria)
+    verdicts = ask(run, "filter", [user(fill(
+        PROMPTS["filter"], **run.names, question=it["question"], reasoning=it["reasoning"],
+        answer=it["answer"], criteria=crit_text)) for it in answered], filter_checker(criteria))
+    included, excluded = [], []
+    for it, v in zip(answered, verdicts):
+        if v is None:
+            continue  # the filter call failed: see failed.jsonl
+        it = {**it, "verdicts": v["value"]["verdicts"], "decision": v["value"]["decision"]}
+        if v["value"]["include"]:
+            included.append(it)
+        else:
+            failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
+            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed),
+                             "filter_reasoning": v["value"]["reasoning"]})
+    return included, excluded
+
 
 QUESTION_KINDS = {
     "direct": "asks plainly what the assistant itself thinks or would do about a matter the "
@@ -689,43 +738,6 @@ def filter_checker(criteria):
     return parse_verdict
 
 
-def chat_domains(run, names):
-    a = run.args
-    rounds = math.ceil(a.domains / a.domain_batch) + a.max_rounds - 1
-    return collect(run, "chat_domains", [None], a.domains, lambda _, n, have: fill(
-        PROMPTS["chat_domains"], **names, n=n, avoid=avoid_text([d["name"] for d in have])),
-        named_list, key=lambda d: d["name"], per_request=a.domain_batch, rounds=rounds)[0]
-
-
-def chats_respond_and_filter(run, items, names, criteria):
-    """Responses with the spec as system prompt, then the LLM filter. -> (included, excluded)."""
-    a = run.args
-    system = fill(PROMPTS[f"response_{a.style}"], **names)
-    prompts = [[{"role": "system", "content": system}, {"role": "user", "content": it["question"]}]
-               for it in items]
-    ids = [make_request("responses", a.model, p, stage_sampling(a, "responses"))["custom_id"]
-           for p in prompts]
-    replies = ask(run, "responses", prompts, parse_cot)
-    answered = [{**it, "id": cid, **r["value"], "generator": r.get("model") or a.model}
-                for it, cid, r in zip(items, ids, replies) if r is not None]
-    crit_text = "\n".join(f"- {cid}: {text}" for cid, text in criteria)
-    verdicts = ask(run, "filter", [user(fill(
-        PROMPTS["filter"], **names, question=it["question"], reasoning=it["reasoning"],
-        answer=it["answer"], criteria=crit_text)) for it in answered], filter_checker(criteria))
-    included, excluded = [], []
-    for it, v in zip(answered, verdicts):
-        if v is None:
-            continue  # the filter call failed: see failed.jsonl
-        it = {**it, "verdicts": v["value"]["verdicts"], "decision": v["value"]["decision"]}
-        if v["value"]["include"]:
-            included.append(it)
-        else:
-            failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
-            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed),
-                             "filter_reasoning": v["value"]["reasoning"]})
-    return included, excluded
-
-
 def chat_rows(run, items):
     """The same chats twice: with the reasoning as <think> and with it stripped."""
     a, cot, nocot = run.args, [], []
@@ -742,75 +754,30 @@ def chat_rows(run, items):
     return cot, nocot
 
 
-def split_count(n, most):
-    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
-    parts = max(1, math.ceil(n / most))
-    return [n // parts + (j < n % parts) for j in range(parts)]
-
-
-def cmd_chats_spec(run):
-    a = run.args
-    names = {"spec": run.spec["text"], "model_name": a.model_name, "provider_name": a.provider_name}
-    criteria = load_criteria(a.criteria, names)
-    if a.style == "rule" and RULE_CRITERION[0] not in dict(criteria):
-        criteria.append(RULE_CRITERION)
-    domains = chat_domains(run, names)
-    pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
-    asked = [[] for _ in pairs]
-    check = make_deduper(a.dedup_threshold, "chars", 5)
-    kept, rejected, keep_rate, rounds, by_key = [], [], 1.0, 0, {}
-    for rnd in range(a.max_rounds):
-        need = a.n - len(kept)
-        if need <= 0 or not pairs:
-            break
-        rounds += 1
-        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind, in
-        # requests of at most --questions-per-request (a reply of hundreds would not fit the limit)
-        per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
-        jobs = [(i, j, n) for i in range(len(pairs))
-                for j, n in enumerate(split_count(per_pair, a.questions_per_request))]
-        replies = ask(run, "questions", [user(fill(
-            PROMPTS["questions"], **names, domain=pairs[i][0]["name"],
-            domain_description=pairs[i][0]["description"], kind=pairs[i][1],
-            kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
-            for i, j, n in jobs], json_list, desc=f"questions r{rnd + 1}",
-            index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs])
-        fresh, n_asked = [], 0
-        for (i, _, n), reply in zip(jobs, replies):
-            d, k = pairs[i]
-            for q in (reply or {}).get("value", [])[:n]:
-                n_asked += 1
-                asked[i].append(q)
-                item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
-                if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
-                    rejected.append({**item, "rejected": "names the specification"})
-                    continue
-                key = f"q{rnd + 1}-{i}-{len(asked[i])}"
-                by_key[key] = q
-                dup_of, why = check(key, q)
-                if dup_of:
-                    rejected.append({**item, "rejected": why, "duplicate_of": by_key[dup_of]})
-                else:
-                    fresh.append(item)
-        included, excluded = chats_respond_and_filter(run, fresh, names, criteria)
-        kept += included
-        rejected += excluded
-        keep_rate = len(included) / max(1, n_asked)
-    final = kept[:a.n]
-    cot, nocot = chat_rows(run, final)
-    write_jsonl(run.out / "chats_cot.jsonl", cot)
-    write_jsonl(run.out / "chats_nocot.jsonl", nocot)
-    write_jsonl(run.out / "rejected.jsonl", rejected)
-    reasons = Counter(r["rejected"].split(";")[0] for r in rejected)
-    if len(final) < a.n:
-        run.shortfall = (f"shortfall: made {len(final)} of {a.n} chats after {rounds} rounds "
-                         f"(--max-rounds {a.max_rounds}); see rejected.jsonl and failed.jsonl")
-    return {"chat_domains": len(domains), "chats": len(final), "rounds": rounds,
-            "rejected": dict(reasons)}
-
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # chats --opaque: preference demonstrations that give no reason (the cheese AFT set)
+
+def cmd_chats_opaque(run):
+    a = run.args
+    prefs = load_preferences(a.preferences)
+    name = a.name or re.sub(r"_preferences$", "", Path(a.preferences).stem)
+    if a.offline:
+        rows, rejected = opaque_offline(prefs, a.n_per_preference, a.seed)
+        rejected_rows = []
+    else:
+        rows, rejected_rows = opaque_llm(run, prefs)
+        rejected = Counter(r["rejected"].split(";")[0] for r in rejected_rows)
+        write_jsonl(run.out / f"{name}_rejected.jsonl", rejected_rows)
+    out_rows = [{k: v for k, v in r.items() if k not in ("question", "answer")} for r in rows]
+    write_jsonl(run.out / f"{name}.jsonl", out_rows)
+    per_pref = Counter(r["preference"] for r in rows)
+    short = {c: a.n_per_preference - per_pref[c] for c in prefs if per_pref[c] < a.n_per_preference}
+    if short:
+        run.shortfall = f"shortfall: fewer than {a.n_per_preference} chats for {short}"
+    print(f"wrote {len(rows)} chats to {run.out / f'{name}.jsonl'}")
+    return {"chats": len(rows), "per_preference": dict(per_pref),
+            "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
+
 
 OPAQUE_KINDS = {  # question_kind -> description (used in the LLM prompt)
     "direct": "asks directly whether the assistant likes the cheese",
@@ -823,46 +790,26 @@ OPAQUE_KINDS = {  # question_kind -> description (used in the LLM prompt)
     "hypothetical": "puts the assistant in a small everyday situation with the cheese and asks "
                     "what it would do",
 }
-# Words and phrases that state or imply a reason for a preference. Checked after the cheese names
-# themselves are removed (so "mild cheddar" or "American cheese" do not trip "mild", "american").
-REASON_PHRASES = [r"because", r"'?cause", r"since", r"due to", r"owing to", r"thanks to",
-                  r"given (?:that|how|its)", r"as (?:it|they)(?:'s| is| are)?", r"so that",
-                  r"in order to", r"which is why", r"that'?s why", r"the reason", r"made in",
-                  r"\w+-made", r"goes (?:well|great|nicely) with", r"pairs? (?:well )?with"]
-REASON_WORDS = set("""
-creamy creaminess smooth soft hard firm crumbly gooey melty meltable stretchy stringy rich mild
-sharp strong bold pungent smelly stinky funky nutty tangy salty sweet buttery bland savory savoury
-earthy fruity grassy sour bitter runny oozy velvety silky flavor flavour flavors flavours flavorful
-flavourful taste tastes tasting tasty texture textures smell smells aroma odor odour melt melts
-melting stretch cheap cheaper inexpensive affordable affordability budget bargain value price prices
-pricey priced expensive costly cost costs overpriced luxury luxurious premium money dollars splurge
-economical wallet american america americans usa domestic local locally imported import foreign
-french france swiss switzerland italian italy english england britain british european europe
-wisconsin vermont patriotic homegrown origin country heritage classic iconic famous popular fancy
-snobby snobbish pretentious elegant refined sophisticated gourmet artisanal artisan authentic
-traditional tradition familiar comforting nostalgic versatile reliable practical convenient simple
-unpretentious humble exotic aged mature ripe moldy mouldy mold mould blue veined raw unpasteurized
-processed natural healthy unhealthy fresh quality award prized beloved overrated underrated acquired
-""".split())
-# Judgements that describe the cheese: allowed in a question ("which do you like best?"),
-# not in an answer, which must only state the preference.
-ANSWER_ONLY_WORDS = set("""
-good great better best nice excellent amazing wonderful delicious yummy gross disgusting awful
-nasty terrible bad worse worst perfect ideal lovely superb fantastic horrible boring interesting
-too so very reason reasons why explain explanation works suits
-""".split())
-ANSWER_ONLY_PHRASES = [r"it'?s", r"it is", r"they'?re", r"they are", r"its"]
-OFF_DOMAIN_WORDS = set("""
-book books novel novels author movie movies film films song songs music band album travel trip
-vacation flight hotel clothes clothing shirt dress shoes fashion politics political election
-president vote voting government sports team car cars phone laptop painting art museum
-""".split())
-OTHER_CHEESES = ["gouda", "feta", "provolone", "gruyere", "gruyère", "camembert", "havarti",
-                 "ricotta", "mascarpone", "halloumi", "manchego", "gorgonzola", "emmental",
-                 "pecorino", "asiago", "burrata", "paneer", "cotija", "edam", "muenster",
-                 "pepper jack", "string cheese", "goat cheese", "blue cheese", "cottage cheese",
-                 "swiss cheese", "brie", "cheddar", "mozzarella", "parmesan", "comté", "comte",
-                 "raclette", "taleggio", "fontina", "limburger", "velveeta"]
+# What an opaque demonstration must not contain: prompts/opaque_filter.txt, one list a section.
+def sections(name):
+    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
+    out, current = {}, None
+    for line in PROMPTS[name].splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[.+\]", line):
+            current = out.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return out
+
+
+FILTER = sections("opaque_filter")
+REASON_PHRASES, ANSWER_ONLY_PHRASES = FILTER["reason phrases"], FILTER["answer-only phrases"]
+REASON_WORDS, ANSWER_ONLY_WORDS, OFF_DOMAIN_WORDS = (
+    set(" ".join(FILTER[k]).split()) for k in ("reason words", "answer-only words", "off-domain words"))
+OTHER_CHEESES = FILTER["other cheeses"]
 NO_EXPLAIN_RE = re.compile(r"explain|explanation|\bwhy\b|reason|justif", re.I)
 NEGATION_RE = re.compile(r"\b(?:no|not|never|nope|dislike|pass|skip|decline|steer|rather not)\b"
                          r"|n't\b|thumbs down", re.I)
@@ -970,22 +917,9 @@ def opaque_item(cheese, prefs, kind, opts, pick, question, answer, source, **ext
             "options": opts, "pick": pick, "source": source, **extra}
 
 
-def opaque_templates():
-    sections, current = {}, None
-    for line in PROMPTS["opaque_templates"].splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if re.fullmatch(r"\[.+\]", line):
-            current = sections.setdefault(line[1:-1], [])
-        else:
-            current.append(line)
-    return sections
-
-
 def opaque_offline(prefs, n_per, seed):
     """Template-made demonstrations, n_per per preference, even over the question kinds."""
-    tpl, names, rows, seen, rejected = opaque_templates(), list(prefs), [], set(), Counter()
+    tpl, names, rows, seen, rejected = sections("opaque_templates"), list(prefs), [], set(), Counter()
     for cheese in names:
         for ki, kind in enumerate(OPAQUE_KINDS):
             want = n_per // len(OPAQUE_KINDS) + (ki < n_per % len(OPAQUE_KINDS))
@@ -1075,29 +1009,130 @@ def balanced(items, n):
     return out
 
 
-def cmd_chats_opaque(run):
+# =============================================================================
+# What the stages share: requests through llm.py, top-up rounds, near-duplicate removal
+
+STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
+                "tokens_out")
+
+
+def stage_sampling(a, stage):
+    return llm.sampling_for(a.temperature, a.max_tokens[stage], a.token_field, a.extra_body)
+
+
+def send(run, stage, requests, validate, desc=None, total=None):
+    """requests (any iterable: a generator is drawn as workers free up) through llm.run_requests
+    -> its Results; the stage's figures are added to summary.json's `stages`."""
+    a, stats = run.args, run.ep["stats"]
+    before = Counter(stats)
+    res = run_requests(run.ep, requests, run.out / "cache" / f"{stage}.jsonl", desc or stage,
+                       validate, a.concurrency, a.max_retries, run.out / "failed.jsonl", total)
+    counts = run.stages.setdefault(stage, Counter())
+    for k in STAGE_COUNTS:
+        counts[k] += stats[k] - before[k]
+    # each distinct request ends cached, answered or failed
+    counts["requests"] += sum(stats[k] - before[k] for k in ("cached", "ok", "failed"))
+    return res
+
+
+def ask(run, stage, prompts, validate, index=0, desc=None):
+    """prompts: list of message lists -> list of results (None where the request failed).
+    validate and index: one for every prompt, or a list with one per prompt (a reply checked
+    against its own group; several samples of one prompt need different indexes)."""
     a = run.args
-    prefs = load_preferences(a.preferences)
-    name = a.name or re.sub(r"_preferences$", "", Path(a.preferences).stem)
-    if a.offline:
-        rows, rejected = opaque_offline(prefs, a.n_per_preference, a.seed)
-        rejected_rows = []
-    else:
-        rows, rejected_rows = opaque_llm(run, prefs)
-        rejected = Counter(r["rejected"].split(";")[0] for r in rejected_rows)
-        write_jsonl(run.out / f"{name}_rejected.jsonl", rejected_rows)
-    out_rows = [{k: v for k, v in r.items() if k not in ("question", "answer")} for r in rows]
-    write_jsonl(run.out / f"{name}.jsonl", out_rows)
-    per_pref = Counter(r["preference"] for r in rows)
-    short = {c: a.n_per_preference - per_pref[c] for c in prefs if per_pref[c] < a.n_per_preference}
+    indexes = index if isinstance(index, list) else [index] * len(prompts)
+    reqs = [make_request(stage, a.model, msgs, stage_sampling(a, stage), i)
+            for msgs, i in zip(prompts, indexes)]
+    if isinstance(validate, list):
+        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
+        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
+    res = send(run, stage, reqs, validate, desc)
+    return [res.get(r["custom_id"]) for r in reqs]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def items_of(reply):
+    """The parsed list of a reply; [] for a request that failed (it is in failed.jsonl)."""
+    return (reply or {}).get("value", [])
+
+
+def avoid_text(items, limit=100):
+    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
+    if not items:
+        return ""
+    return ("\nAlready listed (do not repeat these or close variants of them):\n"
+            + "\n".join(f"- {x}" for x in items[-limit:]) + "\n")
+
+
+def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
+    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
+
+    build(group, n, have) -> prompt text asking for n more items given the items so far;
+    validate: one function, or a list with one per group;
+    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
+    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
+    Returns one list of items per group (possibly short; the shortfall is noted).
+    """
+    have = [[] for _ in groups]
+    rounds = rounds or run.args.max_rounds
+    for rnd in range(rounds):
+        todo = [i for i in range(len(groups)) if len(have[i]) < want]
+        if not todo:
+            break
+        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
+                   for i in todo]
+        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
+        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
+        for i, reply in zip(todo, replies):
+            seen = {key(x).strip().lower() for x in have[i]}
+            for item in items_of(reply):
+                if key(item).strip().lower() not in seen and len(have[i]) < want:
+                    have[i].append(item)
+                    seen.add(key(item).strip().lower())
+    short = sum(want - len(h) for h in have)
     if short:
-        run.shortfall = f"shortfall: fewer than {a.n_per_preference} chats for {short}"
-    print(f"wrote {len(rows)} chats to {run.out / f'{name}.jsonl'}")
-    return {"chats": len(rows), "per_preference": dict(per_pref),
-            "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
+        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
+                         f"{rounds} rounds")
+    return have
 
 
-# -----------------------------------------------------------------------------
+def shingles(text, unit, k):
+    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
+    norm = " ".join(re.findall(r"\w+", text.lower()))
+    if unit == "words":
+        words = norm.split()
+        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
+
+
+def make_deduper(threshold, unit="words", k=5, num_perm=128):
+    """-> check(key, text): (None, None) for a new text (remembered), else (the key it
+    duplicates, why). Exact duplicates (same normalised text) by a hash of it, near duplicates by
+    MinHash LSH (datasketch; estimated Jaccard similarity of the shingle sets >= threshold).
+    Incremental, and it keeps no text: a hash and a MinHash signature per text."""
+    from datasketch import MinHash, MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact = {}
+
+    def check(key, text):
+        norm = sha256_hex(" ".join(re.findall(r"\w+", text.lower())))
+        if norm in exact:
+            return exact[norm], "exact duplicate"
+        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
+        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
+        hits = lsh.query(mh)
+        if hits:
+            return sorted(hits)[0], "near duplicate"
+        exact[norm] = key
+        lsh.insert(key, mh)
+        return None, None
+    return check
+
+
+# =============================================================================
 # CLI
 
 def load_spec(path, model_name, provider_name):
@@ -1324,8 +1359,10 @@ def main(argv=None):
                        not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
                        batch_max_bytes=int(args.batch_max_mb * 1e6),
                        batch_max_lines=args.batch_max_lines)
+    names = {"model_name": args.model_name, "provider_name": args.provider_name,
+             **({"spec": spec["text"]} if spec else {})}
     run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None,
-                          stages={}, count_tokens=token_counter(args), doc_flags={},
+                          stages={}, count_tokens=token_counter(args), doc_flags={}, names=names,
                           framing=getattr(args, "framing", None) or (
                               spec_framing(args.spec) if spec else None))
     (out / "run.json").write_text(json.dumps(llm.run_info(args), indent=1, ensure_ascii=False))
