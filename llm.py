@@ -35,8 +35,9 @@ Ctrl-C loses only the requests in flight, and rerunning the same command resumes
       Appends Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl.
 
   Reply checks (raise ValueError): check_finished, parse_json, json_list, named_list.
-  Files: load_cache, open_append, write_jsonl. Flags: add_endpoint_args(parser, prefix) and
-  add_client_args(parser), so every script spells its endpoint flags the same way.
+  Files: load_cache, open_append, write_jsonl. Flags: add_endpoint_args(parser, prefix),
+  add_client_args(parser) and add_batch_args(parser), so every script spells them the same way.
+  Run plumbing every stage shares: fill, die, sampling_for, run_info (at the end).
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
 the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
@@ -595,6 +596,21 @@ def add_client_args(parser, retries_note=""):
         "serve` (default: check)")
 
 
+def add_batch_args(parser):
+    """--batch-file, --batch-max-mb, --batch-max-lines, --batch-results: the batch-file mode of
+    run_requests (write_batch_file) and ingest_batch_results, for a script that offers them."""
+    add = parser.add_argument
+    add("--batch-file", help="write the pending requests of the next stage to this file as "
+        "OpenAI batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when "
+        "over the limits below (default: call)")
+    add("--batch-max-mb", type=float, default=190.0, help="largest batch file part in MB (10^6 "
+        "bytes); hosted batch APIs take up to 200 (default 190)")
+    add("--batch-max-lines", type=int, default=50_000, help="most requests per batch file "
+        "part; the OpenAI Batch API takes up to 50,000 (default 50000)")
+    add("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API / vllm "
+        "run-batch output files into the cache before running (default: none)")
+
+
 # -----------------------------------------------------------------------------
 # Run plumbing shared by every stage script (synth.py, midtrain.py, finetune.py, evaluate.py)
 
@@ -646,6 +662,18 @@ def fill(template, where="template", double=False, **values):
     if double and unknown:
         die(f"{where}: no value for placeholder(s) {', '.join(sorted(unknown))}")
     return out
+
+
+def json_object(text, flag):
+    """A flag's JSON object (None or "" -> {}), or die naming the flag. Used by synth.py
+    (--extra-body) and evaluate.py (--*-extra-body, --chat-template-kwargs)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        die(f"{flag}: not valid JSON ({exc.msg})")
+    if not isinstance(value, dict):
+        die(f"{flag}: expected a JSON object, got {text!r}")
+    return value
 
 
 def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):

@@ -1193,7 +1193,8 @@ def parse_max_tokens(items):
     return out
 
 
-def parse_args(argv=None):
+def common_flags():
+    """The flags of both commands."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("input and output")
     g.add_argument("--spec", help="spec file (markdown/text); {model_name} and {provider_name} are "
@@ -1220,16 +1221,12 @@ def parse_args(argv=None):
                    "doubles per retry, with jitter, up to 60 s; Retry-After wins (default 1.0)")
     g.add_argument("--max-rounds", type=int, default=3, help="top-up / backfill rounds per stage "
                    "(default 3)")
-    g.add_argument("--batch-file", help="write the pending requests of the next stage to this "
-                   "file as OpenAI batch lines and stop, instead of calling; split into "
-                   "NAME.part1.jsonl, ... when over the limits below (default: call)")
-    g.add_argument("--batch-max-mb", type=float, default=190.0, help="largest batch file part in "
-                   "MB (10^6 bytes); hosted batch APIs take up to 200 (default 190)")
-    g.add_argument("--batch-max-lines", type=int, default=50_000, help="most requests per batch "
-                   "file part; the OpenAI Batch API takes up to 50,000 (default 50000)")
-    g.add_argument("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API /"
-                   " vllm run-batch output files into the cache before running (default: none)")
+    llm.add_batch_args(g)
+    return common
 
+
+def parse_args(argv=None):
+    common = common_flags()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -1282,7 +1279,11 @@ def parse_args(argv=None):
                    "templates (default 0)")
     c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
                    "preferences file name without '_preferences', e.g. cheese)")
-    args = ap.parse_args(argv)
+    return check_args(ap.parse_args(argv))
+
+
+def check_args(args):
+    """Bad flag values end the run before anything is sent (one line, exit 2)."""
     for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
                  "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
         if getattr(args, flag, 1) < 1:
@@ -1296,11 +1297,7 @@ def parse_args(argv=None):
         die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
             "the model to be trained)")
     args.max_tokens = parse_max_tokens(args.max_tokens)
-    try:
-        args.extra_body = json.loads(args.extra_body or "{}")
-        assert isinstance(args.extra_body, dict)
-    except (ValueError, AssertionError):
-        die(f"--extra-body must be a JSON object, got {args.extra_body!r}")
+    args.extra_body = llm.json_object(args.extra_body, "--extra-body")
     return args
 
 

@@ -162,6 +162,15 @@ def test_die_is_one_line_exit_2_that_no_broad_except_swallows(capsys):
     assert exc.value.code == 2 and capsys.readouterr().err == "error: spec.md: not UTF-8 text\n"
 
 
+def test_json_object_flag(capsys):
+    assert llm.json_object(None, "--extra-body") == {} and llm.json_object('{"a": 1}', "--x") == {"a": 1}
+    for text, message in (("{oops", "--extra-body: not valid JSON (Expecting property name"),
+                          ("[1]", "--extra-body: expected a JSON object, got '[1]'")):
+        with pytest.raises(SystemExit) as exc:
+            llm.json_object(text, "--extra-body")
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
+
+
 def test_sampling_for_token_field_and_extra_body():
     assert llm.sampling_for(1.0, 100) == {"temperature": 1.0, "max_tokens": 100}
     s = llm.sampling_for(0.7, 50, "max_completion_tokens", {"temperature": 0.2, "top_k": 5}, seed=3)

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import re
 import signal
 import socket
@@ -11,8 +10,8 @@ import pytest
 
 import fake_openai
 import synth
-from synth_testlib import (FAST, ROOT, cached_ids, read_jsonl, run_main, server,  # noqa: F401
-                           spec_file, start_subprocess, wait_for_cached)
+from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
+                           server, spec_file, start_subprocess, wait_for_cached)
 
 # 2 domains x 2 subdomains x 3 doc types x 4 ideas = 48 documents; per_call=2 forces top-ups
 SMALL = ["--doc-types", "3", "--ideas", "4"]
@@ -77,12 +76,8 @@ def test_kill9_then_rerun(tmp_path, spec_file):
         assert run_main(docs_args(spec_file, tmp_path / "ref", srv.url))[0] == 0
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
-        proc = start_subprocess(docs_args(spec_file, out, srv.url, "--concurrency", "4"))
-        wait_for_cached(out, "documents", 8)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        done = {s: cached_ids(out, s) for s in synth.DOC_STAGES}
+        done = kill9_mid_run(docs_args(spec_file, out, srv.url, "--concurrency", "4"), out,
+                             "documents", 8)
         assert 8 <= len(done["documents"]) < 48, "the kill must land mid-run"
         srv.counts.clear()
         srv.latency = 0
