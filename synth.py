@@ -302,7 +302,8 @@ def docs_documents(run, ideas, corpus):
             if idea["doc_type"]["internal"]:
                 internal.add(req["custom_id"])
             yield req
-    checks = [document_checker(a.min_doc_words, a.model_name, i, run.doc_flags) for i in (0, 1)]
+    checks = [document_checker(a.min_doc_words, a.model_name, i, run.doc_flags)
+              for i in (False, True)]
     replies = send(run, "documents", requests(), lambda r: checks[r["custom_id"] in internal](r),
                    total=len(ideas))
     for idea, cid in zip(ideas, ids):  # every request was drawn: send() returns when all are done
