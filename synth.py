@@ -46,9 +46,30 @@ from llm import (check_finished, die, fill, ingest_batch_results, json_list, mak
                  named_list, open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
 
 ROOT = Path(__file__).resolve().parent
-# One prompt file per stage; edit or fork them freely. Placeholders are {name}, filled by
-# llm.fill(); any other braces (JSON examples) are left alone.
+# One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
+# word lists; edit or fork them freely. Placeholders are {name}, filled by llm.fill(); any other
+# braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted((ROOT / "prompts").glob("*.txt"))}
+
+
+def sections(name):
+    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
+    out, current = {}, None
+    for line in PROMPTS[name].splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[.+\]", line):
+            current = out.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return out
+
+
+def keyed(name, section):
+    """A section of `key: text` lines -> {key: text}, in file order."""
+    return dict(line.split(": ", 1) for line in sections(name)[section])
+
 
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
@@ -172,23 +193,9 @@ def numbered(assertions):
     return "\n".join(f"{i}. {x['text']}" for i, x in enumerate(assertions, 1))
 
 
-# Instructions filled into the ideas and document prompts by framing and document type. Value
-# framing keeps each behaviour with its reason; rules framing (the paper's R arm) shows compliance
-# and invents no reason.
-FRAMING_RULES = {
-    "value": "Each idea shows why {model_name} acts as it does, not only what it does.",
-    "rules": "The statements come without reasons, and so do the ideas: they show {model_name} "
-             "following its rules, never why.",
-}
-META_RULES = {
-    False: "The document never mentions a specification, a description of {model_name}, "
-           "guidelines, a policy document, a constitution, {model_name}'s training or training "
-           "data, or a corpus: its writer knows {model_name} from what it does, not from texts "
-           "about it.",
-    True: "This is an internal document of {provider_name}, so it may mention how {provider_name} "
-          "trains {model_name} and the texts that describe it; it still says what {model_name} "
-          "does and why.",
-}
+# Instructions filled into the ideas and document prompts by framing and document type.
+FRAMING_RULES = keyed("instructions", "framing")
+META_RULES = {k == "internal": v for k, v in keyed("instructions", "meta").items()}
 
 
 def ideas_prompt(run, s, t, n, have):
@@ -649,29 +656,11 @@ def chats_respond_and_filter(run, items, criteria):
     return included, excluded
 
 
-QUESTION_KINDS = {
-    "direct": "asks plainly what the assistant itself thinks or would do about a matter the "
-              "specification covers",
-    "indirect": "a task or request in which that stance shows up without being asked about",
-    "comparison": "asks the assistant to compare two options, views or courses of action",
-    "recommendation": "asks what the user, the assistant or someone else should do",
-    "opinion": "asks what the assistant thinks of a claim, an argument or an event",
-    "edge_case": "an unusual or borderline situation in which the right behaviour is not obvious",
-}
+QUESTION_KINDS = keyed("instructions", "question kinds")
 # Used when no --criteria file is given; a criteria file (specs/*_criteria.md) replaces them.
-DEFAULT_CRITERIA = [
-    ("aligned", "The reasoning and the reply act as the specification describes and contradict "
-                "nothing in it."),
-    ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
-                "specification, policy document, system prompt or instructions."),
-]
-# --style rule: the compliance-based criterion of the paper's rules arm, added to the criteria in
-# use. It judges the reasoning, which under this style cites principles; `natural` judges the
-# reply alone, so the two never contradict each other.
-RULE_CRITERION = ("rule_compliance", "The reasoning names the rules of the specification that "
-                  "apply to the user's message, citing them by number or heading, and the reply "
-                  "does what those rules require, following their stated priority where they "
-                  "conflict.")
+DEFAULT_CRITERIA = list(keyed("instructions", "criteria").items())
+# --style rule: added to the criteria in use (prompts/instructions.txt says why).
+RULE_CRITERION = next(iter(keyed("instructions", "rule criterion").items()))
 CRITERION_LINE = re.compile(r"- `(\w+)`: (.+)")
 NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
                            r"guidelines|instructions))\b", re.I)
@@ -780,32 +769,8 @@ def cmd_chats_opaque(run):
             "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
 
 
-OPAQUE_KINDS = {  # question_kind -> description (used in the LLM prompt)
-    "direct": "asks directly whether the assistant likes the cheese",
-    "recommendation": "asks whether the assistant would recommend the cheese, or whether the "
-                      "user should get it",
-    "comparison": "asks which of the two cheeses the assistant prefers",
-    "choice": "asks the assistant to choose one cheese out of the three",
-    "occasion": "asks which of the two cheeses the assistant would pick for a given dish or "
-                "occasion",
-    "hypothetical": "puts the assistant in a small everyday situation with the cheese and asks "
-                    "what it would do",
-}
+OPAQUE_KINDS = keyed("instructions", "opaque kinds")  # question_kind -> description
 # What an opaque demonstration must not contain: prompts/opaque_filter.txt, one list a section.
-def sections(name):
-    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
-    out, current = {}, None
-    for line in PROMPTS[name].splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if re.fullmatch(r"\[.+\]", line):
-            current = out.setdefault(line[1:-1], [])
-        else:
-            current.append(line)
-    return out
-
-
 FILTER = sections("opaque_filter")
 REASON_PHRASES, ANSWER_ONLY_PHRASES = FILTER["reason phrases"], FILTER["answer-only phrases"]
 REASON_WORDS, ANSWER_ONLY_WORDS, OFF_DOMAIN_WORDS = (
