@@ -8,39 +8,24 @@ JSONL cache as it arrives; ids already in the cache are never sent again. So a c
 Ctrl-C loses only the requests in flight, and rerunning the same command resumes.
 
   make_request(stage, model, messages, sampling, index=0) -> {custom_id, method, url, body}
-      custom_id = "<stage>-<24 hex>". sampling is merged into the body (temperature, max_tokens,
-      server options such as chat_template_kwargs); index draws several samples of one prompt.
+  open_endpoint(base_url, model, ...) -> settings; nothing is sent, and the API key stays in its
+      environment variable. The first run_requests with work probes GET /models and exits with
+      one line for an unreachable endpoint, a 401 (naming the variable, never the key) or an
+      unlisted model. With batch_file, pending requests are written there instead, and the run
+      stops; ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
+  run_requests(endpoint, requests, cache_path, desc, validate, ...) -> Results {custom_id: result}
+      result = {custom_id, content, finish_reason, usage, model, reasoning, value=validate(it)}.
+      A ValueError from validate asks again; HTTP 408/409/429/5xx, timeouts and connection errors
+      are retried with backoff and jitter, honouring Retry-After; after max_retries a request goes
+      to failed_path. Memory holds the requests in flight and one cache offset per id, not the
+      replies (validate must be pure: it runs again on each read).
 
-  open_endpoint(base_url, model, api_key_env, timeout, check_model, retry_base_delay,
-                retry_max_delay, batch_file, batch_max_bytes, batch_max_lines) -> dict
-      Settings only: nothing is sent, and the key stays in its environment variable ("EMPTY"
-      when unset, which local servers accept). The first run_requests with work probes GET
-      /models and exits with one line for an unreachable endpoint, a 401 (naming the variable,
-      never the key) or an unlisted model. ep["stats"] counts calls, retries, failures, tokens.
-      With batch_file, pending requests are written there (in parts under batch_max_bytes and
-      batch_max_lines) instead of sent, and the run stops.
-
-  run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-               max_retries=5, failed_path=None, total=None) -> Results {custom_id: result}
-      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, value =
-      validate(result) (default: the content). validate raises ValueError for a bad reply, which
-      is asked again (a new sample at temperature > 0). HTTP 408/409/429/5xx, timeouts and
-      connection errors are retried with exponential backoff and jitter, honouring Retry-After.
-      After max_retries retries a request goes to failed_path with its reason (asked again by
-      the next run). requests may be a generator, and Results reads each result back from the
-      cache file when asked for: memory holds the requests in flight and one offset per id, not
-      the replies (so validate must be pure: it runs again on each read).
-
-  ingest_batch_results(paths, cache_dir) -> Counter
-      Appends Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl.
-
-  Reply checks (raise ValueError): check_finished, parse_json, json_list, named_list.
-  Files: load_cache, open_append, write_jsonl. Flags: add_endpoint_args(parser, prefix),
-  add_client_args(parser) and add_batch_args(parser), so every script spells them the same way.
-  Run plumbing every stage shares: fill, die, sampling_for, run_info (at the end).
+Also here: reply checks (check_finished, parse_json, json_list, named_list), files (open_append,
+write_jsonl), flags spelled the same in every script (add_endpoint_args, add_client_args,
+add_batch_args), and the run plumbing every stage shares (die, fill, sampling_for, run_info).
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
-the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
+the async pool -> the cache and run_requests -> batch files -> reply checks -> flags -> plumbing.
 """
 
 import asyncio
@@ -560,55 +545,63 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # Command-line flags, spelled the same in every script that calls an endpoint
 
+def add_args(parser, rows):
+    """rows: (flag, help, other add_argument settings): the flags of a script as one table."""
+    for flag, text, settings in rows:
+        parser.add_argument(flag, help=text, **settings)
+
+
 def add_endpoint_args(parser, prefix="", who="the generator", base_url=None, model_help=None):
     """--{prefix}model, --{prefix}base-url, --{prefix}api-key-env, --{prefix}extra-body.
 
     prefix tells two endpoints of one script apart (evaluate.py: "policy-" and "grader-").
     --{prefix}extra-body stays a string (default None); the caller parses it."""
-    add = parser.add_argument
-    add(f"--{prefix}model", help=model_help or f"{who}: the model name as the endpoint knows it "
-        "(default: none)")
-    add(f"--{prefix}base-url", default=base_url, help=f"OpenAI-compatible base URL of {who}, "
-        f"ending in /v1 (default: {base_url or 'none'})")
-    add(f"--{prefix}api-key-env", default="OPENAI_API_KEY", help=f"environment variable holding "
-        f"the API key of {who}; unset means 'EMPTY', fine for local servers (default "
-        "OPENAI_API_KEY)")
-    add(f"--{prefix}extra-body", default=None, help="JSON merged into every request body to "
-        f"{who}, for server options, e.g. '{{\"chat_template_kwargs\": {{\"enable_thinking\": "
-        "false}}' (default: none); part of the request ids")
+    add_args(parser, [
+        (f"--{prefix}model", model_help or f"{who}: the model name as the endpoint knows it "
+         "(default: none)", {}),
+        (f"--{prefix}base-url", f"OpenAI-compatible base URL of {who}, ending in /v1 (default: "
+         f"{base_url or 'none'})", {"default": base_url}),
+        (f"--{prefix}api-key-env", f"environment variable holding the API key of {who}; unset "
+         "means 'EMPTY', fine for local servers (default OPENAI_API_KEY)",
+         {"default": "OPENAI_API_KEY"}),
+        (f"--{prefix}extra-body", f"JSON merged into every request body to {who}, for server "
+         "options, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}' (default: "
+         "none); part of the request ids", {"default": None})])
 
 
 def add_client_args(parser, retries_note=""):
     """Client settings shared by every endpoint of a script: concurrency, timeout, retries,
     the token-limit field and the model check. retries_note ends the --max-retries help."""
-    add = parser.add_argument
-    add("--concurrency", type=int, default=64, help="requests in flight per endpoint (default 64)")
-    add("--timeout", type=float, default=600.0, help="seconds per request before it is retried "
-        "(default 600)")
-    add("--max-retries", type=int, default=5, help="retries per request after the first try, for "
-        f"HTTP 408/409/429/5xx, timeouts, connection errors and invalid replies{retries_note} "
-        "(default 5)")
-    add("--token-field", default="max_tokens", choices=["max_tokens", "max_completion_tokens"],
-        help="request field for the token limit; OpenAI's reasoning models (o-series, gpt-5) "
-        "refuse max_tokens and want max_completion_tokens (default max_tokens)")
-    add("--no-model-check", action="store_true", help="do not check model names against the "
-        "endpoint's /models list, for servers that load models on demand such as `transformers "
-        "serve` (default: check)")
+    add_args(parser, [
+        ("--concurrency", "requests in flight per endpoint (default 64)",
+         {"type": int, "default": 64}),
+        ("--timeout", "seconds per request before it is retried (default 600)",
+         {"type": float, "default": 600.0}),
+        ("--max-retries", "retries per request after the first try, for HTTP 408/409/429/5xx, "
+         f"timeouts, connection errors and invalid replies{retries_note} (default 5)",
+         {"type": int, "default": 5}),
+        ("--token-field", "request field for the token limit; OpenAI's reasoning models "
+         "(o-series, gpt-5) refuse max_tokens and want max_completion_tokens (default "
+         "max_tokens)", {"default": "max_tokens",
+                         "choices": ["max_tokens", "max_completion_tokens"]}),
+        ("--no-model-check", "do not check model names against the endpoint's /models list, "
+         "for servers that load models on demand such as `transformers serve` (default: check)",
+         {"action": "store_true"})])
 
 
 def add_batch_args(parser):
     """--batch-file, --batch-max-mb, --batch-max-lines, --batch-results: the batch-file mode of
     run_requests (write_batch_file) and ingest_batch_results, for a script that offers them."""
-    add = parser.add_argument
-    add("--batch-file", help="write the pending requests of the next stage to this file as "
-        "OpenAI batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when "
-        "over the limits below (default: call)")
-    add("--batch-max-mb", type=float, default=190.0, help="largest batch file part in MB (10^6 "
-        "bytes); hosted batch APIs take up to 200 (default 190)")
-    add("--batch-max-lines", type=int, default=50_000, help="most requests per batch file "
-        "part; the OpenAI Batch API takes up to 50,000 (default 50000)")
-    add("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API / vllm "
-        "run-batch output files into the cache before running (default: none)")
+    add_args(parser, [
+        ("--batch-file", "write the pending requests of the next stage to this file as OpenAI "
+         "batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when over "
+         "the limits below (default: call)", {}),
+        ("--batch-max-mb", "largest batch file part in MB (10^6 bytes); hosted batch APIs take "
+         "up to 200 (default 190)", {"type": float, "default": 190.0}),
+        ("--batch-max-lines", "most requests per batch file part; the OpenAI Batch API takes up "
+         "to 50,000 (default 50000)", {"type": int, "default": 50_000}),
+        ("--batch-results", "ingest OpenAI Batch API / vllm run-batch output files into the "
+         "cache before running (default: none)", {"nargs": "+", "metavar": "FILE"})])
 
 
 # -----------------------------------------------------------------------------
