@@ -74,7 +74,6 @@ def keyed(name, section):
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
 CHAT_STAGES = ["chat_domains", "questions", "responses", "filter"]
-OPAQUE_STAGES = ["opaque_questions", "opaque_answers"]
 DEFAULT_MAX_TOKENS = {
     "domains": 4096, "subdomains": 8192, "assertions": 4096, "doc_types": 4096, "ideas": 8192,
     "documents": 8192, "chat_domains": 4096, "questions": 4096, "responses": 4096, "filter": 2048,
@@ -1162,33 +1161,78 @@ def parse_max_tokens(items):
 def common_flags():
     """The flags of both commands."""
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("input and output")
-    g.add_argument("--spec", help="spec file (markdown/text); {model_name} and {provider_name} are "
-                   "filled from the flags below (default: none; required except for --opaque)")
-    g.add_argument("--out", required=True, help="output folder; rerun with the same folder to "
-                   "resume (required)")
-    g.add_argument("--model-name", default="Sage", help="fills {model_name} in the spec and "
-                   "prompts (default Sage)")
-    g.add_argument("--provider-name", default="Northwind AI", help="fills {provider_name} "
-                   "(default 'Northwind AI')")
-    g = common.add_argument_group("endpoint (llm.py)")
-    llm.add_endpoint_args(g, "", "the generator", "http://localhost:8000/v1", model_help="generator"
-                          " model name as the endpoint knows it (default: none; required unless "
-                          "--offline)")
-    g = common.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for "
-                   "every stage (default 1.0, as in the paper)")
-    g.add_argument("--max-tokens", nargs="*", metavar="STAGE=N", help="token limit per stage, "
-                   "e.g. documents=12000 (defaults: " + ", ".join(
-                       f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")")
+    llm.add_args(common.add_argument_group("input and output"), [
+        ("--spec", "spec file (markdown/text); {model_name} and {provider_name} are filled from "
+         "the flags below (default: none; required except for --opaque)", {}),
+        ("--out", "output folder; rerun with the same folder to resume (required)",
+         {"required": True}),
+        ("--model-name", "fills {model_name} in the spec and prompts (default Sage)",
+         {"default": "Sage"}),
+        ("--provider-name", "fills {provider_name} (default 'Northwind AI')",
+         {"default": "Northwind AI"})])
+    llm.add_endpoint_args(common.add_argument_group("endpoint (llm.py)"), "", "the generator",
+                          "http://localhost:8000/v1", model_help="generator model name as the "
+                          "endpoint knows it (default: none; required unless --offline)")
+    llm.add_args(common.add_argument_group("sampling"), [
+        ("--temperature", "sampling temperature for every stage (default 1.0, as in the paper)",
+         {"type": float, "default": 1.0}),
+        ("--max-tokens", "token limit per stage, e.g. documents=12000 (defaults: " + ", ".join(
+            f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")",
+         {"nargs": "*", "metavar": "STAGE=N"})])
     g = common.add_argument_group("client")
     llm.add_client_args(g)
-    g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff in seconds; "
-                   "doubles per retry, with jitter, up to 60 s; Retry-After wins (default 1.0)")
-    g.add_argument("--max-rounds", type=int, default=3, help="top-up / backfill rounds per stage "
-                   "(default 3)")
+    llm.add_args(g, [
+        ("--retry-base-delay", "first backoff in seconds; doubles per retry, with jitter, up to "
+         "60 s; Retry-After wins (default 1.0)", {"type": float, "default": 1.0}),
+        ("--max-rounds", "top-up / backfill rounds per stage (default 3)",
+         {"type": int, "default": 3})])
     llm.add_batch_args(g)
     return common
+
+
+DOCS_FLAGS = [
+    ("--doc-types", "document types per subdomain (default 20)", {"type": int, "default": 20}),
+    ("--ideas", "ideas per (subdomain, document type) (default 25)", {"type": int, "default": 25}),
+    ("--preview", "run the top stages (domains to document types) only, then print the planned "
+     "calls, documents and an estimated token count (default: full run)", {"action": "store_true"}),
+    ("--dedup-threshold", "MinHash Jaccard similarity (word 5-grams) at which a document is a "
+     "near duplicate (default 0.8)", {"type": float, "default": 0.8}),
+    ("--min-doc-words", "shorter documents are regenerated (default 150)",
+     {"type": int, "default": 150}),
+    ("--framing", "value: documents tie each behaviour to the reason the spec gives; rules: "
+     "documents show the model complying with rules and invent no reason (default: the spec's "
+     "row in specs/README.md, else value)", {"choices": ["value", "rules"]}),
+    ("--target-tokens", "corpus size in tokens of --tokenizer: top up with new ideas until the "
+     "corpus holds at least this many, then keep whole documents up to it, within 1%% (default: "
+     "no budget; one document per idea)", {"type": int}),
+    ("--tokenizer", "tokenizer of the model to be trained (a Hugging Face id or local folder), "
+     "for --target-tokens and the token counts of summary.json (default: none; counts in words)",
+     {})]
+CHATS_FLAGS = [
+    ("--n", "chats to produce (default 1000)", {"type": int, "default": 1000}),
+    ("--style", "value: reasoning from internalised values; rule: reasoning cites policy clauses "
+     "(default value)", {"choices": ["value", "rule"], "default": "value"}),
+    ("--criteria", "filter criteria file, bullets '- `id`: text', e.g. specs/safety_criteria.md "
+     "(default: the built-in 'aligned' and 'natural')", {}),
+    ("--domains", "conversation settings (default 24)", {"type": int, "default": 24}),
+    ("--domain-batch", "settings asked for per request; each request is told the earlier ones "
+     "(default 8)", {"type": int, "default": 8}),
+    ("--questions-per-request", "at most this many questions asked for in one request; more are "
+     "split over requests (default 25)", {"type": int, "default": 25}),
+    ("--dedup-threshold", "MinHash Jaccard similarity (character 5-grams) at which a question is "
+     "a near duplicate (default 0.7)", {"type": float, "default": 0.7}),
+    ("--opaque", "preference demonstrations without reasons, from --preferences (default: spec "
+     "chats)", {"action": "store_true"}),
+    ("--preferences", "JSON {\"likes\": [...], \"dislikes\": [...]} for --opaque (default: none)",
+     {}),
+    ("--n-per-preference", "--opaque chats per preference (default 400, as in the paper)",
+     {"type": int, "default": 400}),
+    ("--offline", "--opaque from the templates in prompts/opaque_templates.txt, no endpoint "
+     "(default: use the endpoint)", {"action": "store_true"}),
+    ("--seed", "seed for --opaque option draws and templates (default 0)",
+     {"type": int, "default": 0}),
+    ("--name", "--opaque output name: OUT/NAME.jsonl (default: the preferences file name without "
+     "'_preferences', e.g. cheese)", {})]
 
 
 def parse_args(argv=None):
@@ -1196,55 +1240,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("docs", parents=[common], help="spec -> midtraining documents")
-    d.add_argument("--doc-types", type=int, default=20, help="document types per subdomain "
-                   "(default 20)")
-    d.add_argument("--ideas", type=int, default=25, help="ideas per (subdomain, document type) "
-                   "(default 25)")
-    d.add_argument("--preview", action="store_true", help="run the top stages (domains to "
-                   "document types) only, then print the planned calls, documents and an "
-                   "estimated token count (default: full run)")
-    d.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard "
-                   "similarity (word 5-grams) at which a document is a near duplicate (default 0.8)")
-    d.add_argument("--min-doc-words", type=int, default=150, help="shorter documents are "
-                   "regenerated (default 150)")
-    d.add_argument("--framing", choices=["value", "rules"], help="value: documents tie each "
-                   "behaviour to the reason the spec gives; rules: documents show the model "
-                   "complying with rules and invent no reason (default: the spec's row in "
-                   "specs/README.md, else value)")
-    d.add_argument("--target-tokens", type=int, help="corpus size in tokens of --tokenizer: top "
-                   "up with new ideas until the corpus holds at least this many, then keep whole "
-                   "documents up to it, within 1%% (default: no budget; one document per idea)")
-    d.add_argument("--tokenizer", help="tokenizer of the model to be trained (a Hugging Face id "
-                   "or local folder), for --target-tokens and the token counts of summary.json "
-                   "(default: none; counts in words)")
-    c = sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or --opaque "
-                       "preference demonstrations")
-    c.add_argument("--n", type=int, default=1000, help="chats to produce (default 1000)")
-    c.add_argument("--style", choices=["value", "rule"], default="value", help="value: reasoning "
-                   "from internalised values; rule: reasoning cites policy clauses (default value)")
-    c.add_argument("--criteria", help="filter criteria file, bullets '- `id`: text', e.g. "
-                   "specs/safety_criteria.md (default: the built-in 'aligned' and 'natural')")
-    c.add_argument("--domains", type=int, default=24, help="conversation settings (default 24)")
-    c.add_argument("--domain-batch", type=int, default=8, help="settings asked for per request;"
-                   " each request is told the earlier ones (default 8)")
-    c.add_argument("--questions-per-request", type=int, default=25, help="at most this many "
-                   "questions asked for in one request; more are split over requests (default 25)")
-    c.add_argument("--dedup-threshold", type=float, default=0.7, help="MinHash Jaccard "
-                   "similarity (character 5-grams) at which a question is a near duplicate "
-                   "(default 0.7)")
-    c.add_argument("--opaque", action="store_true", help="preference demonstrations without "
-                   "reasons, from --preferences (default: spec chats)")
-    c.add_argument("--preferences", help="JSON {\"likes\": [...], \"dislikes\": [...]} for "
-                   "--opaque (default: none)")
-    c.add_argument("--n-per-preference", type=int, default=400, help="--opaque chats per "
-                   "preference (default 400, as in the paper)")
-    c.add_argument("--offline", action="store_true", help="--opaque from the templates in "
-                   "prompts/opaque_templates.txt, no endpoint (default: use the endpoint)")
-    c.add_argument("--seed", type=int, default=0, help="seed for --opaque option draws and "
-                   "templates (default 0)")
-    c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
-                   "preferences file name without '_preferences', e.g. cheese)")
+    llm.add_args(sub.add_parser("docs", parents=[common], help="spec -> midtraining documents"),
+                 DOCS_FLAGS)
+    llm.add_args(sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or "
+                                "--opaque preference demonstrations"), CHATS_FLAGS)
     return check_args(ap.parse_args(argv))
 
 
