@@ -29,6 +29,7 @@ the async pool -> the cache and run_requests -> batch files -> reply checks -> f
 """
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -440,36 +441,34 @@ def write_batch_file(endpoint, pending, desc):
 def ingest_batch_results(paths, cache_dir):
     """Append Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl."""
     counts, files = Counter(), {}
-    cache_dir = Path(cache_dir)
-    try:
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    rec = _batch_line_to_record(json.loads(line))
-                    if rec is None:
-                        counts["errored"] += 1
-                        continue
-                    stage = rec["custom_id"].rsplit("-", 1)[0]
-                    if stage not in files:
-                        cache = cache_dir / f"{stage}.jsonl"
-                        files[stage] = (open_append(cache),
-                                        {_record_key(r) for _, r in iter_cache(cache)})
-                    f_out, have = files[stage]
-                    # Skip only a record already there word for word (a file ingested twice).
-                    # A new reply for a cached id is kept: the cached one may be invalid (cut by
-                    # the token limit, say), which is why the request was batched again.
-                    if _record_key(rec) in have:
-                        counts["already cached"] += 1
-                        continue
-                    have.add(_record_key(rec))
-                    f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    counts["ingested"] += 1
-    finally:
-        for f_out, _ in files.values():
-            f_out.close()
+    with contextlib.ExitStack() as stack:
+        for rec in _batch_records(paths):
+            if rec is None:
+                counts["errored"] += 1
+                continue
+            stage = rec["custom_id"].rsplit("-", 1)[0]
+            if stage not in files:
+                cache = Path(cache_dir) / f"{stage}.jsonl"
+                files[stage] = (stack.enter_context(open_append(cache)),
+                                {_record_key(r) for _, r in iter_cache(cache)})
+            f_out, have = files[stage]
+            # Skip only a record already there word for word (a file ingested twice). A new reply
+            # for a cached id is kept: the cached one may be invalid (cut by the token limit,
+            # say), which is why the request was batched again.
+            key = _record_key(rec)
+            if key in have:
+                counts["already cached"] += 1
+                continue
+            have.add(key)
+            f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts["ingested"] += 1
     return counts
+
+
+def _batch_records(paths):
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            yield from (_batch_line_to_record(json.loads(line)) for line in f if line.strip())
 
 
 def _record_key(rec):

@@ -780,29 +780,27 @@ NEGATION_RE = re.compile(r"\b(?:no|not|never|nope|dislike|pass|skip|decline|stee
                          r"|n't\b|thumbs down", re.I)
 
 
-def _without_names(text, names):
-    t = text.lower().replace("’", "'")
-    for name in sorted(names, key=len, reverse=True):
-        t = t.replace(name.lower(), " ")
-    return t
-
-
 def opaque_leaks(text, names, role="answer"):
     """Why `text` (a question or an answer) does not fit an opaque preference demonstration:
     a reason stated or implied (reason words, describing adjectives, 'because'-style phrases),
-    another subject than cheese, or a cheese outside the list. [] when clean."""
-    t = _without_names(text, names)
+    another subject than cheese, or a cheese outside the list. [] when clean. The preference
+    names are removed first, so "mild cheddar" does not trip "mild"."""
+    t = text.lower().replace("’", "'")
+    for name in sorted(names, key=len, reverse=True):
+        t = t.replace(name.lower(), " ")
     words = set(re.findall(r"[a-z]+", t))
-    problems = [f"reason phrase {m[0]!r}" for p in REASON_PHRASES
+
+    def phrases(label, patterns):
+        return [f"{label} {m[0]!r}" for p in patterns
                 for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+    problems = phrases("reason phrase", REASON_PHRASES)
     problems += [f"reason word {w!r}" for w in sorted(words & REASON_WORDS)]
     problems += [f"not about cheese: {w!r}" for w in sorted(words & OFF_DOMAIN_WORDS)]
     problems += [f"cheese outside the list: {c!r}" for c in OTHER_CHEESES
                  if re.search(rf"\b{re.escape(c)}\b", t)]
     if role == "answer":
         problems += [f"judgement or reason word {w!r}" for w in sorted(words & ANSWER_ONLY_WORDS)]
-        problems += [f"describes the cheese: {m[0]!r}" for p in ANSWER_ONLY_PHRASES
-                     for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+        problems += phrases("describes the cheese:", ANSWER_ONLY_PHRASES)
     return problems
 
 
