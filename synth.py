@@ -1301,20 +1301,18 @@ def main(argv=None):
     offline = args.command == "chats" and args.offline
     if offline and not opaque:
         die("--offline only works with chats --opaque")
+    if not offline and not args.model:
+        die("--model is required (the generator's name at the endpoint)")
+    spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if offline:  # templates only: no endpoint, no cache, just the data file
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         run = SimpleNamespace(args=args, out=out, notes=[], shortfall=None, stages={})
         result = cmd_chats_opaque(run)
         print(json.dumps(result, indent=1))
         if run.shortfall:
             print(run.shortfall, file=sys.stderr)
         return 1 if run.shortfall or result["rejected"] else 0
-    if not args.model:
-        die("--model is required (the generator's name at the endpoint)")
-    spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
                        not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
                        batch_max_bytes=int(args.batch_max_mb * 1e6),
