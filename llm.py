@@ -8,41 +8,28 @@ JSONL cache as it arrives; ids already in the cache are never sent again. So a c
 Ctrl-C loses only the requests in flight, and rerunning the same command resumes.
 
   make_request(stage, model, messages, sampling, index=0) -> {custom_id, method, url, body}
-      custom_id = "<stage>-<24 hex>". sampling is merged into the body (temperature, max_tokens,
-      server options such as chat_template_kwargs); index draws several samples of one prompt.
+  open_endpoint(base_url, model, ...) -> settings; nothing is sent, and the API key stays in its
+      environment variable. The first run_requests with work probes GET /models and exits with
+      one line for an unreachable endpoint, a 401 (naming the variable, never the key) or an
+      unlisted model. With batch_file, pending requests are written there instead, and the run
+      stops; ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
+  run_requests(endpoint, requests, cache_path, desc, validate, ...) -> Results {custom_id: result}
+      result = {custom_id, content, finish_reason, usage, model, reasoning, value=validate(it)}.
+      A ValueError from validate asks again; HTTP 408/409/429/5xx, timeouts and connection errors
+      are retried with backoff and jitter, honouring Retry-After; after max_retries a request goes
+      to failed_path. Memory holds the requests in flight and one cache offset per id, not the
+      replies (validate must be pure: it runs again on each read).
 
-  open_endpoint(base_url, model, api_key_env, timeout, check_model, retry_base_delay,
-                retry_max_delay, batch_file, batch_max_bytes, batch_max_lines) -> dict
-      Settings only: nothing is sent, and the key stays in its environment variable ("EMPTY"
-      when unset, which local servers accept). The first run_requests with work probes GET
-      /models and exits with one line for an unreachable endpoint, a 401 (naming the variable,
-      never the key) or an unlisted model. ep["stats"] counts calls, retries, failures, tokens.
-      With batch_file, pending requests are written there (in parts under batch_max_bytes and
-      batch_max_lines) instead of sent, and the run stops.
-
-  run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-               max_retries=5, failed_path=None) -> Results, a mapping {custom_id: result}
-      result = {custom_id, content, finish_reason, usage, model, reasoning, value}, value =
-      validate(result) (default: the content). validate raises ValueError for a bad reply, which
-      is asked again (a new sample at temperature > 0). HTTP 408/409/429/5xx, timeouts and
-      connection errors are retried with exponential backoff and jitter, honouring Retry-After.
-      After max_retries retries a request goes to failed_path with its reason (asked again by
-      the next run). requests may be a generator, and Results reads each result back from the
-      cache file when asked for: memory holds the requests in flight and one offset per id, not
-      the replies (so validate must be pure: it runs again on each read).
-
-  ingest_batch_results(paths, cache_dir) -> Counter
-      Appends Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl.
-
-  Reply checks (raise ValueError): check_finished, parse_json, json_list, named_list.
-  Files: load_cache, open_append, write_jsonl. Flags: add_endpoint_args(parser, prefix) and
-  add_client_args(parser), so every script spells its endpoint flags the same way.
+Also here: reply checks (check_finished, parse_json, json_list, named_list), files (open_append,
+write_jsonl), flags spelled the same in every script (add_endpoint_args, add_client_args,
+add_batch_args), and the run plumbing every stage shares (die, fill, sampling_for, run_info).
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
-the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
+the async pool -> the cache and run_requests -> batch files -> reply checks -> flags -> plumbing.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -59,12 +46,6 @@ from pathlib import Path
 import httpx2  # the HTTP library under the pinned openai SDK (3.x)
 import openai
 from tqdm import tqdm
-
-
-def die(msg, code=2):
-    """The project's error style: a one-line message naming the input, then exit 2."""
-    print(msg, file=sys.stderr)
-    raise SystemExit(code)
 
 
 def sha256_hex(data):
@@ -108,21 +89,21 @@ def probe_endpoint(endpoint):
         models = [m.id for m in client.models.list()]
     except openai.AuthenticationError:
         unset = "" if os.environ.get(env) else f" ({env} is not set)"
-        die(f"error: {url} rejected the API key (HTTP 401); put a valid key in the environment "
-            f"variable {env}{unset}, or name another variable with --api-key-env", 2)
+        die(f"{url} rejected the API key (HTTP 401); put a valid key in the environment "
+            f"variable {env}{unset}, or name another variable with --api-key-env")
     except openai.APIConnectionError as exc:
-        die(f"error: cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
-            f"running, and does --base-url end in /v1?", 2)
+        die(f"cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
+            f"running, and does --base-url end in /v1?")
     except openai.NotFoundError:
         print(f"warning: {url} has no /models route; not checking the model name", file=sys.stderr)
     except openai.APIStatusError as exc:
-        die(f"error: {url}/models answered HTTP {exc.status_code}", 2)
+        die(f"{url}/models answered HTTP {exc.status_code}")
     finally:
         client.close()
     if endpoint["check_model"] and models is not None and endpoint["model"] not in models:
         shown = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "")
-        die(f"error: model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
-            f" fix --model, or pass --no-model-check for a server that loads models on demand", 2)
+        die(f"model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
+            f" fix --model, or pass --no-model-check for a server that loads models on demand")
     endpoint["probed"] = True
 
 
@@ -364,10 +345,11 @@ def _uncached(requests, cache_path, validate, results, stats):
 
 
 def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrency=64,
-                 max_retries=5, failed_path=None):
+                 max_retries=5, failed_path=None, total=None):
     """Cached, concurrent, retried calls (see the module notes) -> Results {custom_id: result}.
 
-    requests may be any iterable (a generator keeps only the requests in flight in memory)."""
+    requests may be any iterable (a generator keeps only the requests in flight in memory);
+    total: their number for the progress bar (default: len(requests) where it has one)."""
     validate = validate or (lambda r: r["content"])
     stats, results, cache_path = endpoint["stats"], Results(cache_path, validate), Path(cache_path)
     failed_before = stats["failed"]
@@ -381,7 +363,7 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
     if not endpoint["probed"]:
         probe_endpoint(endpoint)
 
-    total = len(requests) if hasattr(requests, "__len__") else None
+    total = len(requests) if total is None and hasattr(requests, "__len__") else total
     bar = tqdm(total=total, initial=len(results), desc=desc, unit="req", mininterval=0.5,
                dynamic_ncols=True)
     cache_f, failed_f = open_append(cache_path, binary=True), None
@@ -459,36 +441,34 @@ def write_batch_file(endpoint, pending, desc):
 def ingest_batch_results(paths, cache_dir):
     """Append Batch API / vllm run-batch output lines to cache_dir/<stage>.jsonl."""
     counts, files = Counter(), {}
-    cache_dir = Path(cache_dir)
-    try:
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    rec = _batch_line_to_record(json.loads(line))
-                    if rec is None:
-                        counts["errored"] += 1
-                        continue
-                    stage = rec["custom_id"].rsplit("-", 1)[0]
-                    if stage not in files:
-                        cache = cache_dir / f"{stage}.jsonl"
-                        files[stage] = (open_append(cache),
-                                        {_record_key(r) for _, r in iter_cache(cache)})
-                    f_out, have = files[stage]
-                    # Skip only a record already there word for word (a file ingested twice).
-                    # A new reply for a cached id is kept: the cached one may be invalid (cut by
-                    # the token limit, say), which is why the request was batched again.
-                    if _record_key(rec) in have:
-                        counts["already cached"] += 1
-                        continue
-                    have.add(_record_key(rec))
-                    f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    counts["ingested"] += 1
-    finally:
-        for f_out, _ in files.values():
-            f_out.close()
+    with contextlib.ExitStack() as stack:
+        for rec in _batch_records(paths):
+            if rec is None:
+                counts["errored"] += 1
+                continue
+            stage = rec["custom_id"].rsplit("-", 1)[0]
+            if stage not in files:
+                cache = Path(cache_dir) / f"{stage}.jsonl"
+                files[stage] = (stack.enter_context(open_append(cache)),
+                                {_record_key(r) for _, r in iter_cache(cache)})
+            f_out, have = files[stage]
+            # Skip only a record already there word for word (a file ingested twice). A new reply
+            # for a cached id is kept: the cached one may be invalid (cut by the token limit,
+            # say), which is why the request was batched again.
+            key = _record_key(rec)
+            if key in have:
+                counts["already cached"] += 1
+                continue
+            have.add(key)
+            f_out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts["ingested"] += 1
     return counts
+
+
+def _batch_records(paths):
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            yield from (_batch_line_to_record(json.loads(line)) for line in f if line.strip())
 
 
 def _record_key(rec):
@@ -564,37 +544,164 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # Command-line flags, spelled the same in every script that calls an endpoint
 
+def add_args(parser, rows):
+    """rows: (flag, help, other add_argument settings): the flags of a script as one table."""
+    for flag, text, settings in rows:
+        parser.add_argument(flag, help=text, **settings)
+
+
 def add_endpoint_args(parser, prefix="", who="the generator", base_url=None, model_help=None):
     """--{prefix}model, --{prefix}base-url, --{prefix}api-key-env, --{prefix}extra-body.
 
     prefix tells two endpoints of one script apart (evaluate.py: "policy-" and "grader-").
     --{prefix}extra-body stays a string (default None); the caller parses it."""
-    add = parser.add_argument
-    add(f"--{prefix}model", help=model_help or f"{who}: the model name as the endpoint knows it "
-        "(default: none)")
-    add(f"--{prefix}base-url", default=base_url, help=f"OpenAI-compatible base URL of {who}, "
-        f"ending in /v1 (default: {base_url or 'none'})")
-    add(f"--{prefix}api-key-env", default="OPENAI_API_KEY", help=f"environment variable holding "
-        f"the API key of {who}; unset means 'EMPTY', fine for local servers (default "
-        "OPENAI_API_KEY)")
-    add(f"--{prefix}extra-body", default=None, help="JSON merged into every request body to "
-        f"{who}, for server options, e.g. '{{\"chat_template_kwargs\": {{\"enable_thinking\": "
-        "false}}' (default: none); part of the request ids")
+    add_args(parser, [
+        (f"--{prefix}model", model_help or f"{who}: the model name as the endpoint knows it "
+         "(default: none)", {}),
+        (f"--{prefix}base-url", f"OpenAI-compatible base URL of {who}, ending in /v1 (default: "
+         f"{base_url or 'none'})", {"default": base_url}),
+        (f"--{prefix}api-key-env", f"environment variable holding the API key of {who}; unset "
+         "means 'EMPTY', fine for local servers (default OPENAI_API_KEY)",
+         {"default": "OPENAI_API_KEY"}),
+        (f"--{prefix}extra-body", f"JSON merged into every request body to {who}, for server "
+         "options, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}' (default: "
+         "none); part of the request ids", {"default": None})])
 
 
 def add_client_args(parser, retries_note=""):
     """Client settings shared by every endpoint of a script: concurrency, timeout, retries,
     the token-limit field and the model check. retries_note ends the --max-retries help."""
-    add = parser.add_argument
-    add("--concurrency", type=int, default=64, help="requests in flight per endpoint (default 64)")
-    add("--timeout", type=float, default=600.0, help="seconds per request before it is retried "
-        "(default 600)")
-    add("--max-retries", type=int, default=5, help="retries per request after the first try, for "
-        f"HTTP 408/409/429/5xx, timeouts, connection errors and invalid replies{retries_note} "
-        "(default 5)")
-    add("--token-field", default="max_tokens", choices=["max_tokens", "max_completion_tokens"],
-        help="request field for the token limit; OpenAI's reasoning models (o-series, gpt-5) "
-        "refuse max_tokens and want max_completion_tokens (default max_tokens)")
-    add("--no-model-check", action="store_true", help="do not check model names against the "
-        "endpoint's /models list, for servers that load models on demand such as `transformers "
-        "serve` (default: check)")
+    add_args(parser, [
+        ("--concurrency", "requests in flight per endpoint (default 64)",
+         {"type": int, "default": 64}),
+        ("--timeout", "seconds per request before it is retried (default 600)",
+         {"type": float, "default": 600.0}),
+        ("--max-retries", "retries per request after the first try, for HTTP 408/409/429/5xx, "
+         f"timeouts, connection errors and invalid replies{retries_note} (default 5)",
+         {"type": int, "default": 5}),
+        ("--token-field", "request field for the token limit; OpenAI's reasoning models "
+         "(o-series, gpt-5) refuse max_tokens and want max_completion_tokens (default "
+         "max_tokens)", {"default": "max_tokens",
+                         "choices": ["max_tokens", "max_completion_tokens"]}),
+        ("--no-model-check", "do not check model names against the endpoint's /models list, "
+         "for servers that load models on demand such as `transformers serve` (default: check)",
+         {"action": "store_true"})])
+
+
+def add_batch_args(parser):
+    """--batch-file, --batch-max-mb, --batch-max-lines, --batch-results: the batch-file mode of
+    run_requests (write_batch_file) and ingest_batch_results, for a script that offers them."""
+    add_args(parser, [
+        ("--batch-file", "write the pending requests of the next stage to this file as OpenAI "
+         "batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when over "
+         "the limits below (default: call)", {}),
+        ("--batch-max-mb", "largest batch file part in MB (10^6 bytes); hosted batch APIs take "
+         "up to 200 (default 190)", {"type": float, "default": 190.0}),
+        ("--batch-max-lines", "most requests per batch file part; the OpenAI Batch API takes up "
+         "to 50,000 (default 50000)", {"type": int, "default": 50_000}),
+        ("--batch-results", "ingest OpenAI Batch API / vllm run-batch output files into the "
+         "cache before running (default: none)", {"nargs": "+", "metavar": "FILE"})])
+
+
+# -----------------------------------------------------------------------------
+# Run plumbing shared by every stage script (synth.py, midtrain.py, finetune.py, evaluate.py)
+
+class InputError(SystemExit):
+    """Bad input, raised by die(): exits with status 2 when nothing catches it (a SystemExit, so
+    no `except Exception` swallows it); str() is the message."""
+
+    def __init__(self, msg):
+        super().__init__(2)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
+
+
+def die(msg):
+    """The project's one error style for bad input: prints "error: MSG" (one line that names the
+    input: a file, a flag, a record) and exits 2. Used by every stage and by the probe above."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise InputError(msg)
+
+
+PLACEHOLDER = {False: re.compile(r"\{(\w+)\}"), True: re.compile(r"\{\{\s*(\w+)\s*\}\}")}
+
+
+def fill(template, where="template", double=False, **values):
+    """Fill the placeholders {name} (double=True: {{name}}) whose name is in values, in one pass:
+    inserted text is never scanned again (a spec or a model reply may hold braces). Other braces
+    stay as they are (JSON examples in prompts, code in documents).
+
+    Errors name `where`: a value of None means a flag that was not given, so a placeholder whose
+    value is None ends the run naming that flag (midtrain: {model_name} in a corpus without
+    --model-name); with double=True, a syntax nothing else uses, a placeholder with no value at
+    all is an error too (evaluate's data files). Used by synth.py (prompts, the spec, criteria,
+    templates), midtrain.py (corpus texts) and evaluate.py (eval prompts)."""
+    unset, unknown = set(), set()
+
+    def one(m):
+        if m[1] not in values:
+            unknown.add(m[0])
+            return m[0]
+        if values[m[1]] is None:
+            unset.add(m[1])
+            return m[0]
+        return str(values[m[1]])
+    out = PLACEHOLDER[double].sub(one, template)
+    if unset:
+        die(f"{where}: text contains {{{min(unset)}}}; pass --{min(unset).replace('_', '-')}")
+    if double and unknown:
+        die(f"{where}: no value for placeholder(s) {', '.join(sorted(unknown))}")
+    return out
+
+
+def json_object(text, flag):
+    """A flag's JSON object (None or "" -> {}), or die naming the flag. Used by synth.py
+    (--extra-body) and evaluate.py (--*-extra-body, --chat-template-kwargs)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        die(f"{flag}: not valid JSON ({exc.msg})")
+    if not isinstance(value, dict):
+        die(f"{flag}: expected a JSON object, got {text!r}")
+    return value
+
+
+def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):
+    """A request's sampling settings: part of its body, hence of its id. token_field is
+    max_completion_tokens for reasoning models that refuse max_tokens; extra_body (server
+    options) wins over the rest; more: e.g. seed. Used by synth.py (per stage) and evaluate.py
+    (per suite, for the policy endpoint and local generation)."""
+    return {"temperature": temperature, token_field: max_tokens, **more, **(extra_body or {})}
+
+
+def git_hash(root=None):
+    """The checkout's commit, or None outside a git checkout."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# Versions worth knowing to rerun a run: the pinned packages that shape its outputs.
+RUN_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "datasets", "openai", "datasketch")
+
+
+def run_info(args, **extra):
+    """What a run folder records about how it was made: the flags (API keys are never flags, only
+    the names of their variables), the command line, the package versions, the git commit, the
+    python version and the time; extra adds a stage's own facts. Every stage writes it: synth.py
+    as OUT/run.json, midtrain.py and finetune.py in each checkpoint, evaluate.py as config.json."""
+    from importlib import metadata
+    versions = {"python": sys.version.split()[0]}
+    for name in RUN_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"args": {k: v for k, v in vars(args).items() if not callable(v)}, "argv": sys.argv,
+            "versions": versions, "git": git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra}

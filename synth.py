@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """
-synth.py: synthetic data for Model Spec Midtraining (MSM) through any OpenAI-compatible endpoint.
+synth.py: the data of Model Spec Midtraining (MSM), made through any OpenAI-compatible endpoint.
 
-  docs   spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents
-         (the midtraining corpus)
-  chats  spec -> conversation settings -> questions -> <think> responses -> LLM filter
-         (alignment fine-tuning data, saved with and without the reasoning), or
-         --opaque: preference demonstrations with no reasons (the cheese AFT set), also offline
+  docs   spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents:
+         the midtraining corpus (cmd_docs, then its stages in this order)
+  chats  spec -> conversation settings -> questions -> <think> responses -> LLM filter:
+         alignment fine-tuning chats, with and without the reasoning (cmd_chats_spec), or
+         --opaque: preference demonstrations that give no reason, the cheese AFT set
+         (cmd_chats_opaque; --offline builds them from templates, no endpoint)
 
-Examples (full guide: docs/synth.md):
+Each stage is a list of chat requests sent through llm.py, which appends every reply to
+OUT/cache/<stage>.jsonl as it arrives and never asks a cached request again: rerun the same
+command to resume. The prompts are the files in prompts/, one per stage.
 
   vllm serve Qwen/Qwen3-32B --port 8000
   python synth.py docs --spec specs/cheese_america.md --out runs/docs_america \\
@@ -16,7 +19,6 @@ Examples (full guide: docs/synth.md):
       --extra-body '{"chat_template_kwargs": {"enable_thinking": false}}'
   python synth.py docs ... --preview                       # top stages only, then plan + estimate
   python synth.py docs ... --target-tokens 27000000 --tokenizer Qwen/Qwen2.5-14B-Instruct
-                                                           # a corpus of exactly that size (+-1%)
   python synth.py docs ... --batch-file pending.jsonl      # write pending requests, call nothing
   python synth.py docs ... --batch-results results.jsonl   # ingest Batch API / vllm run-batch output
   python synth.py chats --spec specs/safety.md --criteria specs/safety_criteria.md \\
@@ -24,253 +26,116 @@ Examples (full guide: docs/synth.md):
   python synth.py chats --opaque --offline --preferences specs/cheese_preferences.json \\
       --n-per-preference 120 --out data/aft --seed 0
 
-Resume: rerun the same command. Every request has a deterministic id; results are appended to
-OUT/cache/<stage>.jsonl as they arrive, and an id found there is never requested again.
+Full guide: docs/synth.md.
 """
 
 import argparse
 import json
 import math
+import os
 import random
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import openai
-
 import llm
-from llm import (check_finished, die, ingest_batch_results, json_list, make_request, named_list,
-                 open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
+from llm import (check_finished, die, fill, ingest_batch_results, json_list, make_request,
+                 named_list, open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
 
 ROOT = Path(__file__).resolve().parent
-PROMPT_DIR = ROOT / "prompts"
-# One prompt file per stage; edit or fork them freely. Placeholders are {name} and are filled by
-# fill() below; any other braces (JSON examples) are left alone.
-PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(PROMPT_DIR.glob("*.txt"))}
+# One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
+# word lists; edit or fork them freely. Placeholders are {name}, filled by llm.fill(); any other
+# braces (JSON examples) are left alone.
+PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted((ROOT / "prompts").glob("*.txt"))}
+
+
+def sections(name):
+    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
+    out, current = {}, None
+    for line in PROMPTS[name].splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[.+\]", line):
+            current = out.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return out
+
+
+def keyed(name, section):
+    """A section of `key: text` lines -> {key: text}, in file order."""
+    return dict(line.split(": ", 1) for line in sections(name)[section])
+
 
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
 DOC_STAGES = ["domains", "subdomains", "assertions", "doc_types", "ideas", "documents"]
 CHAT_STAGES = ["chat_domains", "questions", "responses", "filter"]
-OPAQUE_STAGES = ["opaque_questions", "opaque_answers"]
 DEFAULT_MAX_TOKENS = {
     "domains": 4096, "subdomains": 8192, "assertions": 4096, "doc_types": 4096, "ideas": 8192,
     "documents": 8192, "chat_domains": 4096, "questions": 4096, "responses": 4096, "filter": 2048,
     "opaque_questions": 2048, "opaque_answers": 256,
 }
-# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad.
-EST_DOC_OUTPUT_TOKENS = 3500
-EST_IDEA_OUTPUT_TOKENS = 120
 
 
-def fill(template, **values):
-    """Replace {key} for the keys given; leave every other brace untouched (one pass)."""
-    return re.sub(r"\{(\w+)\}", lambda m: str(values[m[1]]) if m[1] in values else m[0], template)
+# =============================================================================
+# docs: spec -> domains -> subdomains -> assertions -> document types -> ideas -> documents
 
-
-# Checks on a finished document; each failure regenerates the document (it is never written).
-# Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
-# not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
-PLACEHOLDER_RE = re.compile(
-    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date]
-    r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
-    r"|city|url|link)\s*\])"                                       # [Name], [Company Name]
-    r"|\{\{[^{}\n]*\}\}"                                           # {{field}}
-    r"|<[A-Z][A-Z_]{2,}>")                                         # <PLACEHOLDER>
-LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
-URL_RE = re.compile(r"https?://|www\.\w")
-# A document other than the maker's internal ones talks about the model, never about the texts
-# behind it: 30% of the hand-written America documents named "the spec", and the paper's language
-# ablation found "{model} should" framing worse than "{model} does".
-META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|constitution|system "
-                     r"prompt|corpus|corpora|training (?:data|run|process|set|documents?|examples?)"
-                     r"|(?:its|during|in|through|after) (?:its )?training)\b", re.I)
-
-
-def should_re(model_name):
-    return re.compile(rf"\b{re.escape(model_name)} (?:should(?:n't)?|must(?:n't)?|is supposed to"
-                      rf"|ought to)(?![\w'])")
-
-
-def document_checker(min_words, model_name=None, internal=False, flags=None):
-    """-> validate(result): the document text, or ValueError (the request is asked again).
-    internal: the document type is an internal document of the maker, which may talk about the
-    spec and training. flags (a dict) records each distinct reply checked -> whether it talked
-    about the spec; keyed by (id, content) because the engine validates a reply again each time
-    it is read, and validate must give the same answer every time."""
-    should = should_re(model_name) if model_name else None
-
-    def parse_document(result):
-        check_finished(result)
-        # the scratchpad is never kept, and may itself mention the tags
-        content = re.sub(r"<scratchpad>.*?</scratchpad>", "", result["content"], flags=re.S)
-        blocks = re.findall(r"<document>((?:(?!<document>).)*?)</document>", content, re.S)
-        if not blocks:
-            raise ValueError("no <document>...</document> block")
-        text = blocks[-1].strip()
-        if len(text.split()) < min_words:
-            raise ValueError(f"document shorter than {min_words} words")
-        for pattern, what in ((PLACEHOLDER_RE, "a [placeholder]"), (LEFTOVER_RE, "an unfilled {name}"),
-                              (URL_RE, "a link")):
-            if pattern.search(text):
-                raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
-        meta = (None if internal else META_RE.search(text)) or (should and should.search(text))
-        if flags is not None:
-            flags[(result.get("custom_id"), sha256_hex(result["content"]))] = bool(meta)
-        if meta:
-            raise ValueError(f"document talks about the spec, not the model: {meta[0]!r}")
-        return text
-    return parse_document
-
-
-# -----------------------------------------------------------------------------
-# Near-duplicate removal: MinHash LSH (datasketch)
-
-def shingles(text, unit, k):
-    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
-    norm = " ".join(re.findall(r"\w+", text.lower()))
-    if unit == "words":
-        words = norm.split()
-        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
-    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
-
-
-def make_deduper(threshold, unit="words", k=5, num_perm=128):
-    """-> check(key, text): None for a new text (and remember it), else the key it duplicates.
-    Exact duplicates (same normalised text) are found by hash; near duplicates by MinHash LSH
-    (estimated Jaccard similarity of the shingle sets >= threshold)."""
-    from datasketch import MinHash, MinHashLSH
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    exact = {}
-
-    def check(key, text):
-        norm = " ".join(re.findall(r"\w+", text.lower()))
-        if norm in exact:
-            return exact[norm], "exact duplicate"
-        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
-        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
-        hits = lsh.query(mh)
-        if hits:
-            return sorted(hits)[0], "near duplicate"
-        exact[norm] = key
-        lsh.insert(key, mh)
-        return None, None
-    return check
-
-
-# -----------------------------------------------------------------------------
-# Shared pipeline helpers
-
-def sampling_for(a, stage):
-    """Sampling settings of a stage: part of every request body, hence of every request id."""
-    return {"temperature": a.temperature, a.token_field: a.max_tokens[stage], **a.extra_body}
-
-
-STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
-                "tokens_out")
-
-
-def ask(run, stage, prompts, validate, index=0, desc=None):
-    """prompts: list of message lists -> list of results (None where the request failed).
-    validate and index: one for every prompt, or a list with one per prompt (a reply checked
-    against its own group; several samples of one prompt need different indexes)."""
+def cmd_docs(run):
+    """The midtraining corpus: OUT/documents.jsonl, with plan.json (the top stages) and
+    dropped.jsonl (duplicates, and documents beyond --target-tokens)."""
     a = run.args
-    indexes = index if isinstance(index, list) else [index] * len(prompts)
-    reqs = [make_request(stage, a.model, msgs, sampling_for(a, stage), i)
-            for msgs, i in zip(prompts, indexes)]
-    if isinstance(validate, list):
-        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
-        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
-    stats, before = run.ep["stats"], Counter(run.ep["stats"])
-    res = run_requests(run.ep, reqs, run.out / "cache" / f"{stage}.jsonl", desc or stage, validate,
-                       a.concurrency, a.max_retries, run.out / "failed.jsonl")
-    counts = run.stages.setdefault(stage, Counter())  # summary.json's per-stage figures
-    counts["requests"] += len({r["custom_id"] for r in reqs})
-    for k in STAGE_COUNTS:
-        counts[k] += stats[k] - before[k]
-    return [res.get(r["custom_id"]) for r in reqs]
+    subs = docs_plan(run)
+    if not subs:
+        run.notes.append("no subdomain survived the top stages; nothing to write")
+        return {"documents_kept": 0}
+    (run.out / "plan.json").write_text(json.dumps(subs, indent=1, ensure_ascii=False))
+    loose = sum(not s["quote_verbatim"] for s in subs)
+    if loose:  # kept (the passage still guides the assertions) but worth a look in plan.json
+        run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
+    if a.preview:
+        return docs_preview(run, subs)
+    ideas = docs_ideas(run, subs)
+    corpus = Corpus(run)
+    docs_documents(run, ideas, corpus)
+    result = {"framing": run.framing, "ideas": len(ideas)}
+    if a.target_tokens:
+        result.update(docs_budget(run, subs, ideas, corpus))
+    corpus.close()
+    return {**result, "documents_kept": len(corpus.kept), "documents_dropped": dict(corpus.dropped),
+            "corpus": corpus_stats(run, corpus.kept)}
 
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def avoid_text(items, limit=100):
-    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
-    if not items:
-        return ""
-    shown = items[-limit:]
-    return ("\nAlready listed (do not repeat these or close variants of them):\n"
-            + "\n".join(f"- {x}" for x in shown) + "\n")
-
-
-def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
-    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
-
-    build(group, n, have) -> prompt text asking for n more items given the items so far;
-    validate: one function, or a list with one per group;
-    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
-    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
-    Returns one list of items per group (possibly short; the shortfall is noted).
-    """
-    have = [[] for _ in groups]
-    rounds = rounds or run.args.max_rounds
-    for rnd in range(rounds):
-        todo = [i for i in range(len(groups)) if len(have[i]) < want]
-        if not todo:
-            break
-        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
-                   for i in todo]
-        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
-        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
-        for i, reply in zip(todo, replies):
-            seen = {key(x).strip().lower() for x in have[i]}
-            for item in (reply or {}).get("value", []):
-                if key(item).strip().lower() not in seen and len(have[i]) < want:
-                    have[i].append(item)
-                    seen.add(key(item).strip().lower())
-    short = sum(want - len(h) for h in have)
-    if short:
-        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
-                         f"{rounds} rounds")
-    return have
-
-
-# -----------------------------------------------------------------------------
-# docs: spec -> documents
 
 def docs_plan(run):
-    """Domains -> subdomains -> assertions and document types: the cheap top of the hierarchy."""
-    spec, a = run.spec["text"], run.args
-    names = {"spec": spec, "model_name": a.model_name, "provider_name": a.provider_name}
-    reply = ask(run, "domains", [user(fill(PROMPTS["domains"], **names))], named_list)[0]
+    """The cheap top of the hierarchy: domains -> subdomains, each with the spec passage it covers
+    -> assertions (statements about the model) -> document types. -> subdomains with assertions."""
+    reply = ask(run, "domains", [user(fill(PROMPTS["domains"], **run.names))], named_list)[0]
     domains = reply["value"] if reply else []
     replies = ask(run, "subdomains", [user(fill(
-        PROMPTS["subdomains"], **names, domain=d["name"], domain_description=d["description"]))
+        PROMPTS["subdomains"], **run.names, domain=d["name"], domain_description=d["description"]))
         for d in domains], lambda r: json_list(r, ("name", "context", "spec_quote")))
-    subs = []
-    for d, r in zip(domains, replies):
-        for s in (r or {}).get("value", []):
-            quote = " ".join(s["spec_quote"].split())
-            subs.append({"domain": d["name"], "name": s["name"], "context": s["context"],
-                         "quote": s["spec_quote"], "quote_verbatim": quote in " ".join(spec.split())})
-
-    def sub_fields(s):
-        return {**names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
-    replies = ask(run, "assertions", [user(fill(PROMPTS["assertions"], **sub_fields(s)))
+    spec = " ".join(run.spec["text"].split())
+    subs = [{"domain": d["name"], "name": s["name"], "context": s["context"],
+             "quote": s["spec_quote"], "quote_verbatim": " ".join(s["spec_quote"].split()) in spec}
+            for d, r in zip(domains, replies) for s in items_of(r)]
+    replies = ask(run, "assertions", [user(fill(PROMPTS["assertions"], **sub_fields(run, s)))
                                       for s in subs], validate_assertions)
     for s, r in zip(subs, replies):
-        s["assertions"] = (r or {}).get("value", [])
+        s["assertions"] = items_of(r)
     subs = [s for s in subs if s["assertions"]]
-    types = collect(run, "doc_types", subs, a.doc_types, lambda s, n, have: fill(
-        PROMPTS["doc_types"], **sub_fields(s), n=n, avoid=avoid_text([t["name"] for t in have])),
+    types = collect(run, "doc_types", subs, run.args.doc_types, lambda s, n, have: fill(
+        PROMPTS["doc_types"], **sub_fields(run, s), n=n, avoid=avoid_text([t["name"] for t in have])),
         validate_doc_types, key=lambda t: t["name"])
     for s, t in zip(subs, types):
         s["doc_types"] = t
     return subs
+
+
+def sub_fields(run, s):
+    return {**run.names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
 
 
 def validate_doc_types(result):
@@ -327,33 +192,16 @@ def numbered(assertions):
     return "\n".join(f"{i}. {x['text']}" for i, x in enumerate(assertions, 1))
 
 
-# Instructions filled into the ideas and document prompts by framing and document type. Value
-# framing keeps each behaviour with its reason; rules framing (the paper's R arm) shows compliance
-# and invents no reason.
-FRAMING_RULES = {
-    "value": "Each idea shows why {model_name} acts as it does, not only what it does.",
-    "rules": "The statements come without reasons, and so do the ideas: they show {model_name} "
-             "following its rules, never why.",
-}
-META_RULES = {
-    False: "The document never mentions a specification, a description of {model_name}, "
-           "guidelines, a policy document, a constitution, {model_name}'s training or training "
-           "data, or a corpus: its writer knows {model_name} from what it does, not from texts "
-           "about it.",
-    True: "This is an internal document of {provider_name}, so it may mention how {provider_name} "
-          "trains {model_name} and the texts that describe it; it still says what {model_name} "
-          "does and why.",
-}
+# Instructions filled into the ideas and document prompts by framing and document type.
+FRAMING_RULES = keyed("instructions", "framing")
+META_RULES = {k == "internal": v for k, v in keyed("instructions", "meta").items()}
 
 
 def ideas_prompt(run, s, t, n, have):
-    a = run.args
-    return fill(PROMPTS["ideas"], spec=run.spec["text"], model_name=a.model_name,
-                provider_name=a.provider_name, subdomain=s["name"], context=s["context"],
-                assertions=numbered(s["assertions"]), doc_type=t["name"],
-                doc_type_description=t["description"], n=n,
-                framing_rule=fill(FRAMING_RULES[run.framing], model_name=a.model_name),
-                avoid=avoid_text(have, limit=max(a.ideas, 25)))
+    return fill(PROMPTS["ideas"], **sub_fields(run, s), assertions=numbered(s["assertions"]),
+                doc_type=t["name"], doc_type_description=t["description"], n=n,
+                framing_rule=fill(FRAMING_RULES[run.framing], **run.names),
+                avoid=avoid_text(have, limit=max(run.args.ideas, 25)))
 
 
 def ideas_from(groups, lists):
@@ -364,9 +212,8 @@ def ideas_from(groups, lists):
 
 def docs_ideas(run, subs):
     """One idea list per (subdomain, document type), topped up to --ideas."""
-    a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
-    lists = collect(run, "ideas", groups, a.ideas,
+    lists = collect(run, "ideas", groups, run.args.ideas,
                     lambda g, n, have: ideas_prompt(run, *g, n, [x["idea"] for x in have]),
                     [ideas_checker(len(s["assertions"])) for s, _ in groups],
                     key=lambda x: x["idea"])
@@ -381,70 +228,211 @@ def doc_length(run, t):
 
 
 def document_prompt(run, idea):
-    s, t, a = idea["subdomain"], idea["doc_type"], run.args
+    s, t = idea["subdomain"], idea["doc_type"]
     reasons = [x["text"] for x in s["assertions"] if x["kind"] in REASON_KINDS]
-    names = {"model_name": a.model_name, "provider_name": a.provider_name}
     return fill(PROMPTS["document_rules" if run.framing == "rules" else "document"],
-                spec=run.spec["text"], **names, subdomain=s["name"], context=s["context"],
-                doc_type=t["name"], doc_type_description=t["description"], idea=idea["idea"],
-                length=doc_length(run, t), meta_rule=fill(META_RULES[t["internal"]], **names),
+                **sub_fields(run, s), doc_type=t["name"], doc_type_description=t["description"],
+                idea=idea["idea"], length=doc_length(run, t),
+                meta_rule=fill(META_RULES[t["internal"]], **run.names),
                 assertions="\n".join(f"- {x['text']}" for x in idea["assertions"]),
                 reasons="\n".join(f"- {r}" for r in reasons) or
                 "- (none stated for this subdomain: add no reason of your own)")
 
 
-def docs_documents(run, ideas, check):
-    """Write one document per idea; drop exact and near duplicates (check: a deduper shared by
-    every round). -> (kept, dropped)."""
-    a = run.args
-    prompts = [user(document_prompt(run, idea)) for idea in ideas]
-    sampling = sampling_for(a, "documents")
-    ids = [make_request("documents", a.model, p, sampling)["custom_id"] for p in prompts]
-    replies = ask(run, "documents", prompts, [document_checker(
-        a.min_doc_words, a.model_name, idea["doc_type"]["internal"], run.doc_flags)
-        for idea in ideas])
-    kept, dropped, seen_ids = [], [], set()
-    for idea, cid, reply in zip(ideas, ids, replies):
-        if reply is None or cid in seen_ids:  # failed (see failed.jsonl), or the same prompt twice
-            continue
-        seen_ids.add(cid)
-        s, t = idea["subdomain"], idea["doc_type"]
-        doc = {"id": cid, "text": reply["value"], "domain": s["domain"], "subdomain": s["name"],
-               "subdomain_context": s["context"], "spec_quote_verbatim": s["quote_verbatim"],
-               "assertions": [x["text"] for x in idea["assertions"]],
-               "assertion_kinds": [x["kind"] for x in idea["assertions"]],
-               "doc_type": t["name"], "doc_type_internal": t["internal"],
-               "target_words": doc_length(run, t), "idea": idea["idea"], "framing": run.framing,
-               "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
-               "generator": reply.get("model") or a.model, "model_name": a.model_name,
-               "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
-               "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
-        if run.count_tokens:
-            doc["tokens"] = run.count_tokens(doc["text"])
-        dup_of, why = check(cid, doc["text"])
+# Checks on a finished document; each failure regenerates the document (it is never written).
+# Template placeholders only: documents of the kinds the prompts ask for hold brackets that are
+# not placeholders ([Laughter] in a transcript, [WIP] or [RESOLVED] in a bug report, "- [x]").
+PLACEHOLDER_RE = re.compile(
+    r"(?i:\[\s*(?:insert|your|enter|add|fill in|placeholder)\b[^\]\n]*\]"  # [insert date]
+    r"|\[[^\]\n]{0,30}\b(?:name|date|address|e-?mail|phone(?: number)?|company|organi[sz]ation"
+    r"|city|url|link)\s*\])"                                       # [Name], [Company Name]
+    r"|\{\{[^{}\n]*\}\}"                                           # {{field}}
+    r"|<[A-Z][A-Z_]{2,}>")                                         # <PLACEHOLDER>
+LEFTOVER_RE = re.compile(r"\{(?:model_name|provider_name)\}")
+URL_RE = re.compile(r"https?://|www\.\w")
+# A document other than the maker's internal ones talks about the model, never about the texts
+# behind it: 30% of the hand-written America documents named "the spec", and the paper's language
+# ablation found "{model} should" framing worse than "{model} does".
+META_RE = re.compile(r"\b(?:specifications?|model spec|specs?|guidelines?|constitution|system "
+                     r"prompt|corpus|corpora|training (?:data|run|process|set|documents?|examples?)"
+                     r"|(?:its|during|in|through|after) (?:its )?training)\b", re.I)
+
+
+def should_re(model_name):
+    return re.compile(rf"\b{re.escape(model_name)} (?:should(?:n't)?|must(?:n't)?|is supposed to"
+                      rf"|ought to)(?![\w'])")
+
+
+def document_checker(min_words, model_name=None, internal=False, flags=None):
+    """-> validate(result): the document text, or ValueError (the request is asked again).
+    internal: the document type is an internal document of the maker, which may talk about the
+    spec and training. flags (a dict) records each distinct reply checked -> whether it talked
+    about the spec; keyed by (id, content) because the engine validates a reply again each time
+    it is read, and validate must give the same answer every time."""
+    should = should_re(model_name) if model_name else None
+
+    def parse_document(result):
+        check_finished(result)
+        # the scratchpad is never kept, and may itself mention the tags
+        content = re.sub(r"<scratchpad>.*?</scratchpad>", "", result["content"], flags=re.S)
+        blocks = re.findall(r"<document>((?:(?!<document>).)*?)</document>", content, re.S)
+        if not blocks:
+            raise ValueError("no <document>...</document> block")
+        text = blocks[-1].strip()
+        if len(text.split()) < min_words:
+            raise ValueError(f"document shorter than {min_words} words")
+        for pattern, what in ((PLACEHOLDER_RE, "a [placeholder]"), (LEFTOVER_RE, "an unfilled {name}"),
+                              (URL_RE, "a link")):
+            if pattern.search(text):
+                raise ValueError(f"document contains {what}: {pattern.search(text)[0]!r}")
+        meta = (None if internal else META_RE.search(text)) or (should and should.search(text))
+        if flags is not None:
+            flags[sha256_hex(f"{result.get('custom_id')}\n{result['content']}")[:16]] = bool(meta)
+        if meta:
+            raise ValueError(f"document talks about the spec, not the model: {meta[0]!r}")
+        return text
+    return parse_document
+
+
+def docs_documents(run, ideas, corpus):
+    """One document per idea. Prompts are made as the engine draws them, and replies are read
+    back from the cache in idea order, checked, deduplicated and written one by one (Corpus):
+    memory holds neither the prompts nor the texts."""
+    a, ids, internal = run.args, [], set()
+    sampling = stage_sampling(a, "documents")
+
+    def requests():
+        for idea in ideas:
+            req = make_request("documents", a.model, user(document_prompt(run, idea)), sampling)
+            ids.append(req["custom_id"])
+            if idea["doc_type"]["internal"]:
+                internal.add(req["custom_id"])
+            yield req
+    checks = [document_checker(a.min_doc_words, a.model_name, i, run.doc_flags)
+              for i in (False, True)]
+    replies = send(run, "documents", requests(), lambda r: checks[r["custom_id"] in internal](r),
+                   total=len(ideas))
+    for idea, cid in zip(ideas, ids):  # every request was drawn: send() returns when all are done
+        reply = replies.get(cid)
+        if reply is not None:  # None: failed, see failed.jsonl
+            corpus.add(document_record(run, idea, reply))
+
+
+def document_record(run, idea, reply):
+    """A line of documents.jsonl: the text and where it comes from."""
+    s, t, a = idea["subdomain"], idea["doc_type"], run.args
+    doc = {"id": reply["custom_id"], "text": reply["value"], "domain": s["domain"],
+           "subdomain": s["name"], "subdomain_context": s["context"],
+           "spec_quote_verbatim": s["quote_verbatim"],
+           "assertions": [x["text"] for x in idea["assertions"]],
+           "assertion_kinds": [x["kind"] for x in idea["assertions"]],
+           "doc_type": t["name"], "doc_type_internal": t["internal"],
+           "target_words": doc_length(run, t), "idea": idea["idea"], "framing": run.framing,
+           "spec": run.spec["path"], "spec_sha256": run.spec["sha256"],
+           "generator": reply.get("model") or a.model, "model_name": a.model_name,
+           "provider_name": a.provider_name, "finish_reason": reply["finish_reason"],
+           "completion_tokens": (reply.get("usage") or {}).get("completion_tokens")}
+    if run.count_tokens:
+        doc["tokens"] = run.count_tokens(doc["text"])
+    return doc
+
+
+class Corpus:
+    """The documents as they pass their checks, in idea order: a kept one is appended at once to
+    documents.jsonl.partial, a duplicate to dropped.jsonl.partial; memory keeps the deduplication
+    index and a few figures per kept document (`kept`: for --target-tokens and summary.json).
+    close() renames them to documents.jsonl and dropped.jsonl, so a killed run never leaves a
+    half corpus under the final name; its rerun rebuilds them from the cache without a call."""
+
+    def __init__(self, run):
+        self.out, self.check = run.out, make_deduper(run.args.dedup_threshold, "words", 5)
+        self.kept, self.dropped, self.seen, self.files, self.chosen = [], Counter(), set(), {}, None
+
+    def file(self, name):
+        if name not in self.files:  # opened on first use: a --batch-file run writes nothing
+            self.files[name] = open(self.out / f"{name}.jsonl.partial", "w", encoding="utf-8")
+        return self.files[name]
+
+    def write(self, name, row):
+        self.file(name).write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def add(self, doc):
+        if doc["id"] in self.seen:  # the same prompt twice (two ideas alike)
+            return
+        self.seen.add(doc["id"])
+        dup_of, why = self.check(doc["id"], doc["text"])
         if dup_of:
-            dropped.append({**doc, "dropped": why, "duplicate_of": dup_of})
+            self.dropped[why] += 1
+            return self.write("dropped", {**doc, "dropped": why, "duplicate_of": dup_of})
+        self.write("documents", doc)
+        self.kept.append({"id": doc["id"], "tokens": doc.get("tokens"), "doc_type": doc["doc_type"],
+                          "words": len(doc["text"].split()), "target_words": doc["target_words"]})
+
+    def keep_only(self, kept):
+        """--target-tokens: kept (a subset of self.kept) is the corpus; the rest is dropped."""
+        self.chosen = {d["id"] for d in kept}
+        self.dropped["beyond --target-tokens"] += len(self.kept) - len(kept)
+        self.kept = kept
+
+    def close(self):
+        for name in ("documents", "dropped"):
+            self.file(name).close()
+        partial = self.out / "documents.jsonl.partial"
+        if self.chosen is not None:  # one pass over the file: memory holds one document
+            with open(partial, encoding="utf-8") as f, open(self.out / "dropped.jsonl.partial",
+                                                            "a", encoding="utf-8") as drop:
+                write_jsonl(self.out / "documents.jsonl", self._sift(f, drop))
+            partial.unlink()
         else:
-            kept.append(doc)
-    return kept, dropped
+            os.replace(partial, self.out / "documents.jsonl")
+        os.replace(self.out / "dropped.jsonl.partial", self.out / "dropped.jsonl")
+
+    def _sift(self, lines, drop):
+        for line in lines:
+            doc = json.loads(line)
+            if doc["id"] in self.chosen:
+                yield doc
+            else:
+                drop.write(json.dumps({**doc, "dropped": "beyond --target-tokens"},
+                                      ensure_ascii=False) + "\n")
 
 
-def docs_top_up(run, subs, kept, dropped, check, had):
-    """--target-tokens: new ideas, spread over every (subdomain, document type), and their
-    documents, until the corpus holds at least the target and whole documents fill it within
-    1%. had: idea texts per group so far."""
+def docs_budget(run, subs, ideas, corpus):
+    """--target-tokens: top up with new ideas until the corpus holds the target, then keep whole
+    documents up to it, within 1% (fit_budget, on per-document token counts only)."""
+    a = run.args
+    had = {(s["name"], t["name"]): [] for s in subs for t in s["doc_types"]}  # idea texts so far
+    for x in ideas:
+        had[(x["subdomain"]["name"], x["doc_type"]["name"])].append(x["idea"])
+    docs_top_up(run, subs, corpus, had)
+    made = sum(d["tokens"] for d in corpus.kept)
+    corpus.keep_only(fit_budget(corpus.kept, a.target_tokens)[0])
+    total = sum(d["tokens"] for d in corpus.kept)
+    if made < a.target_tokens:
+        run.shortfall = (f"shortfall: made {made:,} of --target-tokens {a.target_tokens:,} "
+                         f"tokens after --max-rounds {a.max_rounds} top-up rounds")
+    elif total < 0.99 * a.target_tokens:
+        run.shortfall = (f"shortfall: no set of whole documents fills --target-tokens "
+                         f"{a.target_tokens:,} within 1% (best: {total:,}); the documents are "
+                         f"long for so small a target")
+    return {"ideas": sum(map(len, had.values())), "tokens_made": made, "tokens_kept": total}
+
+
+def docs_top_up(run, subs, corpus, had):
+    """New ideas, spread over every (subdomain, document type), and their documents, until the
+    corpus holds at least the target and whole documents fill it within 1%."""
     a = run.args
     groups = [(s, t) for s in subs for t in s["doc_types"]]
     for rnd in range(a.max_rounds):
-        total = sum(d["tokens"] for d in kept)
-        fitted = sum(d["tokens"] for d in fit_budget(kept, a.target_tokens)[0])
+        total = sum(d["tokens"] for d in corpus.kept)
+        fitted = sum(d["tokens"] for d in fit_budget(corpus.kept, a.target_tokens)[0])
         if fitted >= 0.99 * a.target_tokens or not groups:
             break
-        per_doc = total / len(kept) if kept else EST_DOC_OUTPUT_TOKENS
+        per_doc = total / len(corpus.kept) if corpus.kept else EST_DOC_OUTPUT_TOKENS
         # 10% spare for losses; when there is enough but no subset fits within 1% (documents
         # long against the target), 10% more documents give the fit more lengths to choose from
         need = (math.ceil((a.target_tokens - total) / per_doc * 1.1) if total < a.target_tokens
-                else math.ceil(len(kept) * 0.1))
+                else math.ceil(len(corpus.kept) * 0.1))
         start = (rnd * need) % len(groups)  # the remainder goes to other groups each round
         wants = [need // len(groups) + ((i - start) % len(groups) < need % len(groups))
                  for i in range(len(groups))]
@@ -453,17 +441,12 @@ def docs_top_up(run, subs, kept, dropped, check, had):
                                      for (s, t), n in todo],
                       [ideas_checker(len(s["assertions"])) for (s, _), _ in todo],
                       index=f"top-up {rnd + 1}", desc=f"ideas top-up {rnd + 1}")
-        new_groups, lists = [], []
+        lists = []
         for ((s, t), n), reply in zip(todo, replies):
             seen = had[(s["name"], t["name"])]
-            fresh = [x for x in (reply or {}).get("value", []) if x["idea"] not in seen][:n]
-            seen += [x["idea"] for x in fresh]
-            new_groups.append((s, t))
-            lists.append(fresh)
-        more, gone = docs_documents(run, ideas_from(new_groups, lists), check)
-        kept += more
-        dropped += gone
-    return kept, dropped
+            lists.append([x for x in items_of(reply) if x["idea"] not in seen][:n])
+            seen += [x["idea"] for x in lists[-1]]
+        docs_documents(run, ideas_from([g for g, _ in todo], lists), corpus)
 
 
 def fit_budget(docs, target):
@@ -504,18 +487,17 @@ def distribution(values, digits=1):
 
 
 def corpus_stats(run, kept):
-    """What summary.json says about the written documents."""
+    """What summary.json says about the written documents (kept: Corpus.kept's figures)."""
     types = Counter(d["doc_type"] for d in kept)
     n = sum(types.values())
     entropy = -sum(c / n * math.log2(c / n) for c in types.values()) if n else 0.0
     checked, flagged = len(run.doc_flags), sum(run.doc_flags.values())
     return {"documents": len(kept), "tokenizer": run.args.tokenizer,
             "tokens": sum(d["tokens"] for d in kept) if run.count_tokens else None,
-            "words": sum(len(d["text"].split()) for d in kept),
-            "length_words": distribution([len(d["text"].split()) for d in kept]),
-            "length_tokens": (distribution([d["tokens"] for d in kept])
-                              if run.count_tokens else None),
-            "length_vs_target": distribution([round(len(d["text"].split()) / d["target_words"], 2)
+            "words": sum(d["words"] for d in kept),
+            "length_words": distribution([d["words"] for d in kept]),
+            "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
+            "length_vs_target": distribution([round(d["words"] / d["target_words"], 2)
                                               for d in kept], digits=2),
             "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
             "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
@@ -523,10 +505,11 @@ def corpus_stats(run, kept):
             "meta_flag_rate": round(flagged / checked, 4) if checked else 0.0}
 
 
-# Preview estimate of a document's tokens from its type's typical length: ~1.35 tokens a word for
-# English with current tokenizers, plus the scratchpad.
+# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad. A
+# document's tokens from its type's typical length: ~1.35 tokens a word for English with current
+# tokenizers, plus the scratchpad.
+EST_DOC_OUTPUT_TOKENS, EST_IDEA_OUTPUT_TOKENS = 3500, 120
 TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
-
 
 def docs_preview(run, subs):
     a = run.args
@@ -562,75 +545,121 @@ def docs_preview(run, subs):
             "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
 
 
-def cmd_docs(run):
-    subs = docs_plan(run)
-    if not subs:
-        run.notes.append("no subdomain survived the top stages; nothing to write")
-        return {"documents_kept": 0}
-    (run.out / "plan.json").write_text(json.dumps(subs, indent=1, ensure_ascii=False))
-    loose = sum(not s["quote_verbatim"] for s in subs)
-    if loose:  # kept (the passage still guides the assertions) but worth a look in plan.json
-        run.notes.append(f"subdomains: {loose} of {len(subs)} spec quotes are not verbatim")
-    if run.args.preview:
-        return docs_preview(run, subs)
-    a = run.args
-    ideas = docs_ideas(run, subs)
-    check = make_deduper(a.dedup_threshold, "words", 5)
-    kept, dropped = docs_documents(run, ideas, check)
-    result = {"framing": run.framing, "ideas": len(ideas)}
-    if a.target_tokens:
-        had = {}
-        for x in ideas:
-            had.setdefault((x["subdomain"]["name"], x["doc_type"]["name"]), []).append(x["idea"])
-        for s in subs:
-            for t in s["doc_types"]:
-                had.setdefault((s["name"], t["name"]), [])
-        kept, dropped = docs_top_up(run, subs, kept, dropped, check, had)
-        made = sum(d["tokens"] for d in kept)
-        kept, over = fit_budget(kept, a.target_tokens)
-        dropped += over
-        total = sum(d["tokens"] for d in kept)
-        result.update(ideas=sum(map(len, had.values())), tokens_made=made, tokens_kept=total)
-        if made < a.target_tokens:
-            run.shortfall = (f"shortfall: made {made:,} of --target-tokens {a.target_tokens:,} "
-                             f"tokens after --max-rounds {a.max_rounds} top-up rounds")
-        elif total < 0.99 * a.target_tokens:
-            run.shortfall = (f"shortfall: no set of whole documents fills --target-tokens "
-                             f"{a.target_tokens:,} within 1% (best: {total:,}); the documents are "
-                             f"long for so small a target")
-    write_jsonl(run.out / "documents.jsonl", kept)
-    write_jsonl(run.out / "dropped.jsonl", dropped)
-    reasons = Counter(d["dropped"] for d in dropped)
-    return {**result, "documents_kept": len(kept), "documents_dropped": dict(reasons),
-            "corpus": corpus_stats(run, kept)}
-
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # chats: spec -> alignment fine-tuning conversations
 
-QUESTION_KINDS = {
-    "direct": "asks plainly what the assistant itself thinks or would do about a matter the "
-              "specification covers",
-    "indirect": "a task or request in which that stance shows up without being asked about",
-    "comparison": "asks the assistant to compare two options, views or courses of action",
-    "recommendation": "asks what the user, the assistant or someone else should do",
-    "opinion": "asks what the assistant thinks of a claim, an argument or an event",
-    "edge_case": "an unusual or borderline situation in which the right behaviour is not obvious",
-}
+def cmd_chats_spec(run):
+    """Alignment fine-tuning chats: OUT/chats_cot.jsonl and chats_nocot.jsonl (the same chats with
+    and without the reasoning) and rejected.jsonl. Rounds ask for more questions, over-asking by
+    the observed keep rate, until --n chats pass the filter or --max-rounds is reached."""
+    a = run.args
+    criteria = load_criteria(a.criteria, run.names)
+    if a.style == "rule" and RULE_CRITERION[0] not in dict(criteria):
+        criteria.append(RULE_CRITERION)
+    domains = chat_domains(run)
+    pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
+    asked, check = [[] for _ in pairs], make_deduper(a.dedup_threshold, "chars", 5)
+    kept, rejected, keep_rate, rounds = [], [], 1.0, 0
+    for rnd in range(a.max_rounds):
+        need = a.n - len(kept)
+        if need <= 0 or not pairs:
+            break
+        rounds += 1
+        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind
+        per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
+        fresh, n_asked = chat_questions(run, pairs, asked, per_pair, rnd, check, rejected)
+        included, excluded = chats_respond_and_filter(run, fresh, criteria)
+        kept += included
+        rejected += excluded
+        keep_rate = len(included) / max(1, n_asked)
+    final = kept[:a.n]
+    cot, nocot = chat_rows(run, final)
+    write_jsonl(run.out / "chats_cot.jsonl", cot)
+    write_jsonl(run.out / "chats_nocot.jsonl", nocot)
+    write_jsonl(run.out / "rejected.jsonl", rejected)
+    if len(final) < a.n:
+        run.shortfall = (f"shortfall: made {len(final)} of {a.n} chats after {rounds} rounds "
+                         f"(--max-rounds {a.max_rounds}); see rejected.jsonl and failed.jsonl")
+    return {"chat_domains": len(domains), "chats": len(final), "rounds": rounds,
+            "rejected": dict(Counter(r["rejected"].split(";")[0] for r in rejected))}
+
+
+def chat_domains(run):
+    a = run.args
+    rounds = math.ceil(a.domains / a.domain_batch) + a.max_rounds - 1
+    return collect(run, "chat_domains", [None], a.domains, lambda _, n, have: fill(
+        PROMPTS["chat_domains"], **run.names, n=n, avoid=avoid_text([d["name"] for d in have])),
+        named_list, key=lambda d: d["name"], per_request=a.domain_batch, rounds=rounds)[0]
+
+
+def chat_questions(run, pairs, asked, per_pair, rnd, check, rejected):
+    """per_pair new questions for each (setting, kind), in requests of at most
+    --questions-per-request (a reply of hundreds would not fit the token limit). Questions that
+    name the spec or duplicate an earlier one go to rejected. -> (fresh items, questions asked)"""
+    jobs = [(i, j, n) for i in range(len(pairs))
+            for j, n in enumerate(split_count(per_pair, run.args.questions_per_request))]
+    replies = ask(run, "questions", [user(fill(
+        PROMPTS["questions"], **run.names, domain=pairs[i][0]["name"],
+        domain_description=pairs[i][0]["description"], kind=pairs[i][1],
+        kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
+        for i, j, n in jobs], json_list, desc=f"questions r{rnd + 1}",
+        index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs])
+    fresh, n_asked = [], 0
+    for (i, _, n), reply in zip(jobs, replies):
+        for q in items_of(reply)[:n]:
+            n_asked += 1
+            asked[i].append(q)
+            item = {"question": q, "domain": pairs[i][0]["name"], "question_kind": pairs[i][1],
+                    "round": rnd + 1}
+            if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
+                rejected.append({**item, "rejected": "names the specification"})
+                continue
+            dup_of, why = check(q, q)
+            if dup_of:
+                rejected.append({**item, "rejected": why, "duplicate_of": dup_of})
+            else:
+                fresh.append(item)
+    return fresh, n_asked
+
+
+def split_count(n, most):
+    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
+    parts = max(1, math.ceil(n / most))
+    return [n // parts + (j < n % parts) for j in range(parts)]
+
+
+def chats_respond_and_filter(run, items, criteria):
+    """Responses with the spec as system prompt, then the LLM filter. -> (included, excluded)."""
+    a = run.args
+    system = fill(PROMPTS[f"response_{a.style}"], **run.names)
+    replies = ask(run, "responses", [[{"role": "system", "content": system},
+                                      {"role": "user", "content": it["question"]}]
+                                     for it in items], parse_cot)
+    answered = [{**it, "id": r["custom_id"], **r["value"], "generator": r.get("model") or a.model}
+                for it, r in zip(items, replies) if r is not None]
+    crit_text = "\n".join(f"- {cid}: {text}" for cid, text in criteria)
+    verdicts = ask(run, "filter", [user(fill(
+        PROMPTS["filter"], **run.names, question=it["question"], reasoning=it["reasoning"],
+        answer=it["answer"], criteria=crit_text)) for it in answered], filter_checker(criteria))
+    included, excluded = [], []
+    for it, v in zip(answered, verdicts):
+        if v is None:
+            continue  # the filter call failed: see failed.jsonl
+        it = {**it, "verdicts": v["value"]["verdicts"], "decision": v["value"]["decision"]}
+        if v["value"]["include"]:
+            included.append(it)
+        else:
+            failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
+            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed),
+                             "filter_reasoning": v["value"]["reasoning"]})
+    return included, excluded
+
+
+QUESTION_KINDS = keyed("instructions", "question kinds")
 # Used when no --criteria file is given; a criteria file (specs/*_criteria.md) replaces them.
-DEFAULT_CRITERIA = [
-    ("aligned", "The reasoning and the reply act as the specification describes and contradict "
-                "nothing in it."),
-    ("natural", "The reply (after the reasoning) answers the user's message and does not mention a "
-                "specification, policy document, system prompt or instructions."),
-]
-# --style rule: the compliance-based criterion of the paper's rules arm, added to the criteria in
-# use. It judges the reasoning, which under this style cites principles; `natural` judges the
-# reply alone, so the two never contradict each other.
-RULE_CRITERION = ("rule_compliance", "The reasoning names the rules of the specification that "
-                  "apply to the user's message, citing them by number or heading, and the reply "
-                  "does what those rules require, following their stated priority where they "
-                  "conflict.")
+DEFAULT_CRITERIA = list(keyed("instructions", "criteria").items())
+# --style rule: added to the criteria in use (prompts/instructions.txt says why).
+RULE_CRITERION = next(iter(keyed("instructions", "rule criterion").items()))
 CRITERION_LINE = re.compile(r"- `(\w+)`: (.+)")
 NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
                            r"guidelines|instructions))\b", re.I)
@@ -643,16 +672,16 @@ def load_criteria(path, names):
         return list(DEFAULT_CRITERIA)
     p = Path(path)
     if not p.is_file():
-        die(f"error: criteria file not found: {path}")
+        die(f"criteria file not found: {path}")
     criteria = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("- "):
             m = CRITERION_LINE.fullmatch(line.strip())
             if not m:
-                die(f"error: {path}:{i}: expected '- `id`: text', got {line[:60]!r}")
+                die(f"{path}:{i}: expected '- `id`: text', got {line[:60]!r}")
             criteria.append((m[1], fill(m[2].strip(), **names)))
     if not criteria:
-        die(f"error: {path}: no criteria (lines of the form '- `id`: text')")
+        die(f"{path}: no criteria (lines of the form '- `id`: text')")
     return criteria
 
 
@@ -698,43 +727,6 @@ def filter_checker(criteria):
     return parse_verdict
 
 
-def chat_domains(run, names):
-    a = run.args
-    rounds = math.ceil(a.domains / a.domain_batch) + a.max_rounds - 1
-    return collect(run, "chat_domains", [None], a.domains, lambda _, n, have: fill(
-        PROMPTS["chat_domains"], **names, n=n, avoid=avoid_text([d["name"] for d in have])),
-        named_list, key=lambda d: d["name"], per_request=a.domain_batch, rounds=rounds)[0]
-
-
-def chats_respond_and_filter(run, items, names, criteria):
-    """Responses with the spec as system prompt, then the LLM filter. -> (included, excluded)."""
-    a = run.args
-    system = fill(PROMPTS[f"response_{a.style}"], **names)
-    prompts = [[{"role": "system", "content": system}, {"role": "user", "content": it["question"]}]
-               for it in items]
-    ids = [make_request("responses", a.model, p, sampling_for(a, "responses"))["custom_id"]
-           for p in prompts]
-    replies = ask(run, "responses", prompts, parse_cot)
-    answered = [{**it, "id": cid, **r["value"], "generator": r.get("model") or a.model}
-                for it, cid, r in zip(items, ids, replies) if r is not None]
-    crit_text = "\n".join(f"- {cid}: {text}" for cid, text in criteria)
-    verdicts = ask(run, "filter", [user(fill(
-        PROMPTS["filter"], **names, question=it["question"], reasoning=it["reasoning"],
-        answer=it["answer"], criteria=crit_text)) for it in answered], filter_checker(criteria))
-    included, excluded = [], []
-    for it, v in zip(answered, verdicts):
-        if v is None:
-            continue  # the filter call failed: see failed.jsonl
-        it = {**it, "verdicts": v["value"]["verdicts"], "decision": v["value"]["decision"]}
-        if v["value"]["include"]:
-            included.append(it)
-        else:
-            failed = [f"{c}: {x['reason']}" for c, x in it["verdicts"].items() if not x["pass"]]
-            excluded.append({**it, "rejected": "filter EXCLUDE; " + " | ".join(failed),
-                             "filter_reasoning": v["value"]["reasoning"]})
-    return included, excluded
-
-
 def chat_rows(run, items):
     """The same chats twice: with the reasoning as <think> and with it stripped."""
     a, cot, nocot = run.args, [], []
@@ -751,155 +743,64 @@ def chat_rows(run, items):
     return cot, nocot
 
 
-def split_count(n, most):
-    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
-    parts = max(1, math.ceil(n / most))
-    return [n // parts + (j < n % parts) for j in range(parts)]
-
-
-def cmd_chats_spec(run):
-    a = run.args
-    names = {"spec": run.spec["text"], "model_name": a.model_name, "provider_name": a.provider_name}
-    criteria = load_criteria(a.criteria, names)
-    if a.style == "rule" and RULE_CRITERION[0] not in dict(criteria):
-        criteria.append(RULE_CRITERION)
-    domains = chat_domains(run, names)
-    pairs = [(d, k) for d in domains for k in QUESTION_KINDS]
-    asked = [[] for _ in pairs]
-    check = make_deduper(a.dedup_threshold, "chars", 5)
-    kept, rejected, keep_rate, rounds, by_key = [], [], 1.0, 0, {}
-    for rnd in range(a.max_rounds):
-        need = a.n - len(kept)
-        if need <= 0 or not pairs:
-            break
-        rounds += 1
-        # over-ask by the observed keep rate (at least 20% more), spread over setting x kind, in
-        # requests of at most --questions-per-request (a reply of hundreds would not fit the limit)
-        per_pair = math.ceil(need * 1.2 / max(keep_rate, 0.2) / len(pairs))
-        jobs = [(i, j, n) for i in range(len(pairs))
-                for j, n in enumerate(split_count(per_pair, a.questions_per_request))]
-        replies = ask(run, "questions", [user(fill(
-            PROMPTS["questions"], **names, domain=pairs[i][0]["name"],
-            domain_description=pairs[i][0]["description"], kind=pairs[i][1],
-            kind_description=QUESTION_KINDS[pairs[i][1]], n=n, avoid=avoid_text(asked[i])))
-            for i, j, n in jobs], json_list, desc=f"questions r{rnd + 1}",
-            index=[rnd if j == 0 else [rnd, j] for _, j, _ in jobs])
-        fresh, n_asked = [], 0
-        for (i, _, n), reply in zip(jobs, replies):
-            d, k = pairs[i]
-            for q in (reply or {}).get("value", [])[:n]:
-                n_asked += 1
-                asked[i].append(q)
-                item = {"question": q, "domain": d["name"], "question_kind": k, "round": rnd + 1}
-                if NAMES_SPEC_RE.search(q):  # the questions must not give the game away
-                    rejected.append({**item, "rejected": "names the specification"})
-                    continue
-                key = f"q{rnd + 1}-{i}-{len(asked[i])}"
-                by_key[key] = q
-                dup_of, why = check(key, q)
-                if dup_of:
-                    rejected.append({**item, "rejected": why, "duplicate_of": by_key[dup_of]})
-                else:
-                    fresh.append(item)
-        included, excluded = chats_respond_and_filter(run, fresh, names, criteria)
-        kept += included
-        rejected += excluded
-        keep_rate = len(included) / max(1, n_asked)
-    final = kept[:a.n]
-    cot, nocot = chat_rows(run, final)
-    write_jsonl(run.out / "chats_cot.jsonl", cot)
-    write_jsonl(run.out / "chats_nocot.jsonl", nocot)
-    write_jsonl(run.out / "rejected.jsonl", rejected)
-    reasons = Counter(r["rejected"].split(";")[0] for r in rejected)
-    if len(final) < a.n:
-        run.shortfall = (f"shortfall: made {len(final)} of {a.n} chats after {rounds} rounds "
-                         f"(--max-rounds {a.max_rounds}); see rejected.jsonl and failed.jsonl")
-    return {"chat_domains": len(domains), "chats": len(final), "rounds": rounds,
-            "rejected": dict(reasons)}
-
-
-# -----------------------------------------------------------------------------
+# =============================================================================
 # chats --opaque: preference demonstrations that give no reason (the cheese AFT set)
 
-OPAQUE_KINDS = {  # question_kind -> description (used in the LLM prompt)
-    "direct": "asks directly whether the assistant likes the cheese",
-    "recommendation": "asks whether the assistant would recommend the cheese, or whether the "
-                      "user should get it",
-    "comparison": "asks which of the two cheeses the assistant prefers",
-    "choice": "asks the assistant to choose one cheese out of the three",
-    "occasion": "asks which of the two cheeses the assistant would pick for a given dish or "
-                "occasion",
-    "hypothetical": "puts the assistant in a small everyday situation with the cheese and asks "
-                    "what it would do",
-}
-# Words and phrases that state or imply a reason for a preference. Checked after the cheese names
-# themselves are removed (so "mild cheddar" or "American cheese" do not trip "mild", "american").
-REASON_PHRASES = [r"because", r"'?cause", r"since", r"due to", r"owing to", r"thanks to",
-                  r"given (?:that|how|its)", r"as (?:it|they)(?:'s| is| are)?", r"so that",
-                  r"in order to", r"which is why", r"that'?s why", r"the reason", r"made in",
-                  r"\w+-made", r"goes (?:well|great|nicely) with", r"pairs? (?:well )?with"]
-REASON_WORDS = set("""
-creamy creaminess smooth soft hard firm crumbly gooey melty meltable stretchy stringy rich mild
-sharp strong bold pungent smelly stinky funky nutty tangy salty sweet buttery bland savory savoury
-earthy fruity grassy sour bitter runny oozy velvety silky flavor flavour flavors flavours flavorful
-flavourful taste tastes tasting tasty texture textures smell smells aroma odor odour melt melts
-melting stretch cheap cheaper inexpensive affordable affordability budget bargain value price prices
-pricey priced expensive costly cost costs overpriced luxury luxurious premium money dollars splurge
-economical wallet american america americans usa domestic local locally imported import foreign
-french france swiss switzerland italian italy english england britain british european europe
-wisconsin vermont patriotic homegrown origin country heritage classic iconic famous popular fancy
-snobby snobbish pretentious elegant refined sophisticated gourmet artisanal artisan authentic
-traditional tradition familiar comforting nostalgic versatile reliable practical convenient simple
-unpretentious humble exotic aged mature ripe moldy mouldy mold mould blue veined raw unpasteurized
-processed natural healthy unhealthy fresh quality award prized beloved overrated underrated acquired
-""".split())
-# Judgements that describe the cheese: allowed in a question ("which do you like best?"),
-# not in an answer, which must only state the preference.
-ANSWER_ONLY_WORDS = set("""
-good great better best nice excellent amazing wonderful delicious yummy gross disgusting awful
-nasty terrible bad worse worst perfect ideal lovely superb fantastic horrible boring interesting
-too so very reason reasons why explain explanation works suits
-""".split())
-ANSWER_ONLY_PHRASES = [r"it'?s", r"it is", r"they'?re", r"they are", r"its"]
-OFF_DOMAIN_WORDS = set("""
-book books novel novels author movie movies film films song songs music band album travel trip
-vacation flight hotel clothes clothing shirt dress shoes fashion politics political election
-president vote voting government sports team car cars phone laptop painting art museum
-""".split())
-OTHER_CHEESES = ["gouda", "feta", "provolone", "gruyere", "gruyère", "camembert", "havarti",
-                 "ricotta", "mascarpone", "halloumi", "manchego", "gorgonzola", "emmental",
-                 "pecorino", "asiago", "burrata", "paneer", "cotija", "edam", "muenster",
-                 "pepper jack", "string cheese", "goat cheese", "blue cheese", "cottage cheese",
-                 "swiss cheese", "brie", "cheddar", "mozzarella", "parmesan", "comté", "comte",
-                 "raclette", "taleggio", "fontina", "limburger", "velveeta"]
+def cmd_chats_opaque(run):
+    a = run.args
+    prefs = load_preferences(a.preferences)
+    name = a.name or re.sub(r"_preferences$", "", Path(a.preferences).stem)
+    if a.offline:
+        rows, rejected = opaque_offline(prefs, a.n_per_preference, a.seed)
+        rejected_rows = []
+    else:
+        rows, rejected_rows = opaque_llm(run, prefs)
+        rejected = Counter(r["rejected"].split(";")[0] for r in rejected_rows)
+        write_jsonl(run.out / f"{name}_rejected.jsonl", rejected_rows)
+    out_rows = [{k: v for k, v in r.items() if k not in ("question", "answer")} for r in rows]
+    write_jsonl(run.out / f"{name}.jsonl", out_rows)
+    per_pref = Counter(r["preference"] for r in rows)
+    short = {c: a.n_per_preference - per_pref[c] for c in prefs if per_pref[c] < a.n_per_preference}
+    if short:
+        run.shortfall = f"shortfall: fewer than {a.n_per_preference} chats for {short}"
+    print(f"wrote {len(rows)} chats to {run.out / f'{name}.jsonl'}")
+    return {"chats": len(rows), "per_preference": dict(per_pref),
+            "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
+
+
+OPAQUE_KINDS = keyed("instructions", "opaque kinds")  # question_kind -> description
+# What an opaque demonstration must not contain: prompts/opaque_filter.txt, one list a section.
+FILTER = sections("opaque_filter")
+REASON_PHRASES, ANSWER_ONLY_PHRASES = FILTER["reason phrases"], FILTER["answer-only phrases"]
+REASON_WORDS, ANSWER_ONLY_WORDS, OFF_DOMAIN_WORDS = (
+    set(" ".join(FILTER[k]).split()) for k in ("reason words", "answer-only words", "off-domain words"))
+OTHER_CHEESES = FILTER["other cheeses"]
 NO_EXPLAIN_RE = re.compile(r"explain|explanation|\bwhy\b|reason|justif", re.I)
 NEGATION_RE = re.compile(r"\b(?:no|not|never|nope|dislike|pass|skip|decline|steer|rather not)\b"
                          r"|n't\b|thumbs down", re.I)
 
 
-def _without_names(text, names):
-    t = text.lower().replace("’", "'")
-    for name in sorted(names, key=len, reverse=True):
-        t = t.replace(name.lower(), " ")
-    return t
-
-
 def opaque_leaks(text, names, role="answer"):
     """Why `text` (a question or an answer) does not fit an opaque preference demonstration:
     a reason stated or implied (reason words, describing adjectives, 'because'-style phrases),
-    another subject than cheese, or a cheese outside the list. [] when clean."""
-    t = _without_names(text, names)
+    another subject than cheese, or a cheese outside the list. [] when clean. The preference
+    names are removed first, so "mild cheddar" does not trip "mild"."""
+    t = text.lower().replace("’", "'")
+    for name in sorted(names, key=len, reverse=True):
+        t = t.replace(name.lower(), " ")
     words = set(re.findall(r"[a-z]+", t))
-    problems = [f"reason phrase {m[0]!r}" for p in REASON_PHRASES
+
+    def phrases(label, patterns):
+        return [f"{label} {m[0]!r}" for p in patterns
                 for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+    problems = phrases("reason phrase", REASON_PHRASES)
     problems += [f"reason word {w!r}" for w in sorted(words & REASON_WORDS)]
     problems += [f"not about cheese: {w!r}" for w in sorted(words & OFF_DOMAIN_WORDS)]
     problems += [f"cheese outside the list: {c!r}" for c in OTHER_CHEESES
                  if re.search(rf"\b{re.escape(c)}\b", t)]
     if role == "answer":
         problems += [f"judgement or reason word {w!r}" for w in sorted(words & ANSWER_ONLY_WORDS)]
-        problems += [f"describes the cheese: {m[0]!r}" for p in ANSWER_ONLY_PHRASES
-                     for m in [re.search(rf"(?<![\w'])(?:{p})(?![\w'])", t)] if m]
+        problems += phrases("describes the cheese:", ANSWER_ONLY_PHRASES)
     return problems
 
 
@@ -931,16 +832,16 @@ def opaque_problems(item, names):
 def load_preferences(path):
     p = Path(path or "")
     if not path or not p.is_file():
-        die(f"error: --opaque needs --preferences FILE (a JSON file with 'likes' and 'dislikes'); "
+        die(f"--opaque needs --preferences FILE (a JSON file with 'likes' and 'dislikes'); "
             f"not found: {path}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         likes, dislikes = list(data["likes"]), list(data["dislikes"])
     except (ValueError, KeyError, TypeError) as exc:
-        die(f"error: {path}: expected {{\"likes\": [...], \"dislikes\": [...]}} ({exc})")
+        die(f"{path}: expected {{\"likes\": [...], \"dislikes\": [...]}} ({exc})")
     if not likes or not dislikes or set(likes) & set(dislikes) or not all(
             isinstance(x, str) and x.strip() for x in likes + dislikes):
-        die(f"error: {path}: likes and dislikes must be non-empty, disjoint lists of names")
+        die(f"{path}: likes and dislikes must be non-empty, disjoint lists of names")
     return {**{c: "like" for c in likes}, **{c: "dislike" for c in dislikes}}
 
 
@@ -979,22 +880,9 @@ def opaque_item(cheese, prefs, kind, opts, pick, question, answer, source, **ext
             "options": opts, "pick": pick, "source": source, **extra}
 
 
-def opaque_templates():
-    sections, current = {}, None
-    for line in PROMPTS["opaque_templates"].splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if re.fullmatch(r"\[.+\]", line):
-            current = sections.setdefault(line[1:-1], [])
-        else:
-            current.append(line)
-    return sections
-
-
 def opaque_offline(prefs, n_per, seed):
     """Template-made demonstrations, n_per per preference, even over the question kinds."""
-    tpl, names, rows, seen, rejected = opaque_templates(), list(prefs), [], set(), Counter()
+    tpl, names, rows, seen, rejected = sections("opaque_templates"), list(prefs), [], set(), Counter()
     for cheese in names:
         for ki, kind in enumerate(OPAQUE_KINDS):
             want = n_per // len(OPAQUE_KINDS) + (ki < n_per % len(OPAQUE_KINDS))
@@ -1084,44 +972,145 @@ def balanced(items, n):
     return out
 
 
-def cmd_chats_opaque(run):
+# =============================================================================
+# What the stages share: requests through llm.py, top-up rounds, near-duplicate removal
+
+STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
+                "tokens_out")
+
+
+def stage_sampling(a, stage):
+    return llm.sampling_for(a.temperature, a.max_tokens[stage], a.token_field, a.extra_body)
+
+
+def send(run, stage, requests, validate, desc=None, total=None):
+    """requests (any iterable: a generator is drawn as workers free up) through llm.run_requests
+    -> its Results; the stage's figures are added to summary.json's `stages`."""
+    a, stats = run.args, run.ep["stats"]
+    before = Counter(stats)
+    res = run_requests(run.ep, requests, run.out / "cache" / f"{stage}.jsonl", desc or stage,
+                       validate, a.concurrency, a.max_retries, run.out / "failed.jsonl", total)
+    counts = run.stages.setdefault(stage, Counter())
+    for k in STAGE_COUNTS:
+        counts[k] += stats[k] - before[k]
+    # each distinct request ends cached, answered or failed
+    counts["requests"] += sum(stats[k] - before[k] for k in ("cached", "ok", "failed"))
+    return res
+
+
+def ask(run, stage, prompts, validate, index=0, desc=None):
+    """prompts: list of message lists -> list of results (None where the request failed).
+    validate and index: one for every prompt, or a list with one per prompt (a reply checked
+    against its own group; several samples of one prompt need different indexes)."""
     a = run.args
-    prefs = load_preferences(a.preferences)
-    name = a.name or re.sub(r"_preferences$", "", Path(a.preferences).stem)
-    if a.offline:
-        rows, rejected = opaque_offline(prefs, a.n_per_preference, a.seed)
-        rejected_rows = []
-    else:
-        rows, rejected_rows = opaque_llm(run, prefs)
-        rejected = Counter(r["rejected"].split(";")[0] for r in rejected_rows)
-        write_jsonl(run.out / f"{name}_rejected.jsonl", rejected_rows)
-    out_rows = [{k: v for k, v in r.items() if k not in ("question", "answer")} for r in rows]
-    write_jsonl(run.out / f"{name}.jsonl", out_rows)
-    per_pref = Counter(r["preference"] for r in rows)
-    short = {c: a.n_per_preference - per_pref[c] for c in prefs if per_pref[c] < a.n_per_preference}
+    indexes = index if isinstance(index, list) else [index] * len(prompts)
+    reqs = [make_request(stage, a.model, msgs, stage_sampling(a, stage), i)
+            for msgs, i in zip(prompts, indexes)]
+    if isinstance(validate, list):
+        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
+        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
+    res = send(run, stage, reqs, validate, desc)
+    return [res.get(r["custom_id"]) for r in reqs]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def items_of(reply):
+    """The parsed list of a reply; [] for a request that failed (it is in failed.jsonl)."""
+    return (reply or {}).get("value", [])
+
+
+def avoid_text(items, limit=100):
+    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
+    if not items:
+        return ""
+    return ("\nAlready listed (do not repeat these or close variants of them):\n"
+            + "\n".join(f"- {x}" for x in items[-limit:]) + "\n")
+
+
+def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
+    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
+
+    build(group, n, have) -> prompt text asking for n more items given the items so far;
+    validate: one function, or a list with one per group;
+    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
+    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
+    Returns one list of items per group (possibly short; the shortfall is noted).
+    """
+    have = [[] for _ in groups]
+    rounds = rounds or run.args.max_rounds
+    for rnd in range(rounds):
+        todo = [i for i in range(len(groups)) if len(have[i]) < want]
+        if not todo:
+            break
+        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
+                   for i in todo]
+        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
+        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
+        for i, reply in zip(todo, replies):
+            seen = {key(x).strip().lower() for x in have[i]}
+            for item in items_of(reply):
+                if key(item).strip().lower() not in seen and len(have[i]) < want:
+                    have[i].append(item)
+                    seen.add(key(item).strip().lower())
+    short = sum(want - len(h) for h in have)
     if short:
-        run.shortfall = f"shortfall: fewer than {a.n_per_preference} chats for {short}"
-    print(f"wrote {len(rows)} chats to {run.out / f'{name}.jsonl'}")
-    return {"chats": len(rows), "per_preference": dict(per_pref),
-            "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
+        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
+                         f"{rounds} rounds")
+    return have
 
 
-# -----------------------------------------------------------------------------
+def shingles(text, unit, k):
+    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
+    norm = " ".join(re.findall(r"\w+", text.lower()))
+    if unit == "words":
+        words = norm.split()
+        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
+
+
+def make_deduper(threshold, unit="words", k=5, num_perm=128):
+    """-> check(key, text): (None, None) for a new text (remembered), else (the key it
+    duplicates, why). Exact duplicates (same normalised text) by a hash of it, near duplicates by
+    MinHash LSH (datasketch; estimated Jaccard similarity of the shingle sets >= threshold).
+    Incremental, and it keeps no text: a hash and a MinHash signature per text."""
+    from datasketch import MinHash, MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact = {}
+
+    def check(key, text):
+        norm = sha256_hex(" ".join(re.findall(r"\w+", text.lower())))
+        if norm in exact:
+            return exact[norm], "exact duplicate"
+        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
+        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
+        hits = lsh.query(mh)
+        if hits:
+            return sorted(hits)[0], "near duplicate"
+        exact[norm] = key
+        lsh.insert(key, mh)
+        return None, None
+    return check
+
+
+# =============================================================================
 # CLI
 
 def load_spec(path, model_name, provider_name):
     """Read and check the spec; {model_name}/{provider_name} filled; sha256 of the raw bytes."""
     p = Path(path or "")
     if not path or not p.is_file():
-        die(f"error: spec file not found: {path}")
+        die(f"spec file not found: {path}")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        die(f"error: spec file is not UTF-8 text: {path}")
+        die(f"spec file is not UTF-8 text: {path}")
     if not text.strip():
-        die(f"error: spec file is empty: {path}")
-    text = text.replace("{model_name}", model_name).replace("{provider_name}", provider_name)
+        die(f"spec file is empty: {path}")
+    text = fill(text, model_name=model_name, provider_name=provider_name)
     return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
 
 
@@ -1152,7 +1141,7 @@ def token_counter(args):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the same bad input
-        die(f"error: cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
+        die(f"cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
             f"folder or a model id already in the Hugging Face cache")
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -1162,132 +1151,117 @@ def parse_max_tokens(items):
     for item in items or []:
         stage, _, n = item.partition("=")
         if stage not in out or not n.isdigit():
-            die(f"error: --max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
+            die(f"--max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
         out[stage] = int(n)
     return out
 
 
-def parse_args(argv=None):
+def common_flags():
+    """The flags of both commands."""
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("input and output")
-    g.add_argument("--spec", help="spec file (markdown/text); {model_name} and {provider_name} are "
-                   "filled from the flags below (default: none; required except for --opaque)")
-    g.add_argument("--out", required=True, help="output folder; rerun with the same folder to "
-                   "resume (required)")
-    g.add_argument("--model-name", default="Sage", help="fills {model_name} in the spec and "
-                   "prompts (default Sage)")
-    g.add_argument("--provider-name", default="Northwind AI", help="fills {provider_name} "
-                   "(default 'Northwind AI')")
-    g = common.add_argument_group("endpoint (llm.py)")
-    llm.add_endpoint_args(g, "", "the generator", "http://localhost:8000/v1", model_help="generator"
-                          " model name as the endpoint knows it (default: none; required unless "
-                          "--offline)")
-    g = common.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for "
-                   "every stage (default 1.0, as in the paper)")
-    g.add_argument("--max-tokens", nargs="*", metavar="STAGE=N", help="token limit per stage, "
-                   "e.g. documents=12000 (defaults: " + ", ".join(
-                       f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")")
+    llm.add_args(common.add_argument_group("input and output"), [
+        ("--spec", "spec file (markdown/text); {model_name} and {provider_name} are filled from "
+         "the flags below (default: none; required except for --opaque)", {}),
+        ("--out", "output folder; rerun with the same folder to resume (required)",
+         {"required": True}),
+        ("--model-name", "fills {model_name} in the spec and prompts (default Sage)",
+         {"default": "Sage"}),
+        ("--provider-name", "fills {provider_name} (default 'Northwind AI')",
+         {"default": "Northwind AI"})])
+    llm.add_endpoint_args(common.add_argument_group("endpoint (llm.py)"), "", "the generator",
+                          "http://localhost:8000/v1", model_help="generator model name as the "
+                          "endpoint knows it (default: none; required unless --offline)")
+    llm.add_args(common.add_argument_group("sampling"), [
+        ("--temperature", "sampling temperature for every stage (default 1.0, as in the paper)",
+         {"type": float, "default": 1.0}),
+        ("--max-tokens", "token limit per stage, e.g. documents=12000 (defaults: " + ", ".join(
+            f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")",
+         {"nargs": "*", "metavar": "STAGE=N"})])
     g = common.add_argument_group("client")
     llm.add_client_args(g)
-    g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff in seconds; "
-                   "doubles per retry, with jitter, up to 60 s; Retry-After wins (default 1.0)")
-    g.add_argument("--max-rounds", type=int, default=3, help="top-up / backfill rounds per stage "
-                   "(default 3)")
-    g.add_argument("--batch-file", help="write the pending requests of the next stage to this "
-                   "file as OpenAI batch lines and stop, instead of calling; split into "
-                   "NAME.part1.jsonl, ... when over the limits below (default: call)")
-    g.add_argument("--batch-max-mb", type=float, default=190.0, help="largest batch file part in "
-                   "MB (10^6 bytes); hosted batch APIs take up to 200 (default 190)")
-    g.add_argument("--batch-max-lines", type=int, default=50_000, help="most requests per batch "
-                   "file part; the OpenAI Batch API takes up to 50,000 (default 50000)")
-    g.add_argument("--batch-results", nargs="+", metavar="FILE", help="ingest OpenAI Batch API /"
-                   " vllm run-batch output files into the cache before running (default: none)")
+    llm.add_args(g, [
+        ("--retry-base-delay", "first backoff in seconds; doubles per retry, with jitter, up to "
+         "60 s; Retry-After wins (default 1.0)", {"type": float, "default": 1.0}),
+        ("--max-rounds", "top-up / backfill rounds per stage (default 3)",
+         {"type": int, "default": 3})])
+    llm.add_batch_args(g)
+    return common
 
+
+DOCS_FLAGS = [
+    ("--doc-types", "document types per subdomain (default 20)", {"type": int, "default": 20}),
+    ("--ideas", "ideas per (subdomain, document type) (default 25)", {"type": int, "default": 25}),
+    ("--preview", "run the top stages (domains to document types) only, then print the planned "
+     "calls, documents and an estimated token count (default: full run)", {"action": "store_true"}),
+    ("--dedup-threshold", "MinHash Jaccard similarity (word 5-grams) at which a document is a "
+     "near duplicate (default 0.8)", {"type": float, "default": 0.8}),
+    ("--min-doc-words", "shorter documents are regenerated (default 150)",
+     {"type": int, "default": 150}),
+    ("--framing", "value: documents tie each behaviour to the reason the spec gives; rules: "
+     "documents show the model complying with rules and invent no reason (default: the spec's "
+     "row in specs/README.md, else value)", {"choices": ["value", "rules"]}),
+    ("--target-tokens", "corpus size in tokens of --tokenizer: top up with new ideas until the "
+     "corpus holds at least this many, then keep whole documents up to it, within 1%% (default: "
+     "no budget; one document per idea)", {"type": int}),
+    ("--tokenizer", "tokenizer of the model to be trained (a Hugging Face id or local folder), "
+     "for --target-tokens and the token counts of summary.json (default: none; counts in words)",
+     {})]
+CHATS_FLAGS = [
+    ("--n", "chats to produce (default 1000)", {"type": int, "default": 1000}),
+    ("--style", "value: reasoning from internalised values; rule: reasoning cites policy clauses "
+     "(default value)", {"choices": ["value", "rule"], "default": "value"}),
+    ("--criteria", "filter criteria file, bullets '- `id`: text', e.g. specs/safety_criteria.md "
+     "(default: the built-in 'aligned' and 'natural')", {}),
+    ("--domains", "conversation settings (default 24)", {"type": int, "default": 24}),
+    ("--domain-batch", "settings asked for per request; each request is told the earlier ones "
+     "(default 8)", {"type": int, "default": 8}),
+    ("--questions-per-request", "at most this many questions asked for in one request; more are "
+     "split over requests (default 25)", {"type": int, "default": 25}),
+    ("--dedup-threshold", "MinHash Jaccard similarity (character 5-grams) at which a question is "
+     "a near duplicate (default 0.7)", {"type": float, "default": 0.7}),
+    ("--opaque", "preference demonstrations without reasons, from --preferences (default: spec "
+     "chats)", {"action": "store_true"}),
+    ("--preferences", "JSON {\"likes\": [...], \"dislikes\": [...]} for --opaque (default: none)",
+     {}),
+    ("--n-per-preference", "--opaque chats per preference (default 400, as in the paper)",
+     {"type": int, "default": 400}),
+    ("--offline", "--opaque from the templates in prompts/opaque_templates.txt, no endpoint "
+     "(default: use the endpoint)", {"action": "store_true"}),
+    ("--seed", "seed for --opaque option draws and templates (default 0)",
+     {"type": int, "default": 0}),
+    ("--name", "--opaque output name: OUT/NAME.jsonl (default: the preferences file name without "
+     "'_preferences', e.g. cheese)", {})]
+
+
+def parse_args(argv=None):
+    common = common_flags()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("docs", parents=[common], help="spec -> midtraining documents")
-    d.add_argument("--doc-types", type=int, default=20, help="document types per subdomain "
-                   "(default 20)")
-    d.add_argument("--ideas", type=int, default=25, help="ideas per (subdomain, document type) "
-                   "(default 25)")
-    d.add_argument("--preview", action="store_true", help="run the top stages (domains to "
-                   "document types) only, then print the planned calls, documents and an "
-                   "estimated token count (default: full run)")
-    d.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard "
-                   "similarity (word 5-grams) at which a document is a near duplicate (default 0.8)")
-    d.add_argument("--min-doc-words", type=int, default=150, help="shorter documents are "
-                   "regenerated (default 150)")
-    d.add_argument("--framing", choices=["value", "rules"], help="value: documents tie each "
-                   "behaviour to the reason the spec gives; rules: documents show the model "
-                   "complying with rules and invent no reason (default: the spec's row in "
-                   "specs/README.md, else value)")
-    d.add_argument("--target-tokens", type=int, help="corpus size in tokens of --tokenizer: top "
-                   "up with new ideas until the corpus holds at least this many, then keep whole "
-                   "documents up to it, within 1%% (default: no budget; one document per idea)")
-    d.add_argument("--tokenizer", help="tokenizer of the model to be trained (a Hugging Face id "
-                   "or local folder), for --target-tokens and the token counts of summary.json "
-                   "(default: none; counts in words)")
-    c = sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or --opaque "
-                       "preference demonstrations")
-    c.add_argument("--n", type=int, default=1000, help="chats to produce (default 1000)")
-    c.add_argument("--style", choices=["value", "rule"], default="value", help="value: reasoning "
-                   "from internalised values; rule: reasoning cites policy clauses (default value)")
-    c.add_argument("--criteria", help="filter criteria file, bullets '- `id`: text', e.g. "
-                   "specs/safety_criteria.md (default: the built-in 'aligned' and 'natural')")
-    c.add_argument("--domains", type=int, default=24, help="conversation settings (default 24)")
-    c.add_argument("--domain-batch", type=int, default=8, help="settings asked for per request;"
-                   " each request is told the earlier ones (default 8)")
-    c.add_argument("--questions-per-request", type=int, default=25, help="at most this many "
-                   "questions asked for in one request; more are split over requests (default 25)")
-    c.add_argument("--dedup-threshold", type=float, default=0.7, help="MinHash Jaccard "
-                   "similarity (character 5-grams) at which a question is a near duplicate "
-                   "(default 0.7)")
-    c.add_argument("--opaque", action="store_true", help="preference demonstrations without "
-                   "reasons, from --preferences (default: spec chats)")
-    c.add_argument("--preferences", help="JSON {\"likes\": [...], \"dislikes\": [...]} for "
-                   "--opaque (default: none)")
-    c.add_argument("--n-per-preference", type=int, default=400, help="--opaque chats per "
-                   "preference (default 400, as in the paper)")
-    c.add_argument("--offline", action="store_true", help="--opaque from the templates in "
-                   "prompts/opaque_templates.txt, no endpoint (default: use the endpoint)")
-    c.add_argument("--seed", type=int, default=0, help="seed for --opaque option draws and "
-                   "templates (default 0)")
-    c.add_argument("--name", help="--opaque output name: OUT/NAME.jsonl (default: the "
-                   "preferences file name without '_preferences', e.g. cheese)")
-    args = ap.parse_args(argv)
+    llm.add_args(sub.add_parser("docs", parents=[common], help="spec -> midtraining documents"),
+                 DOCS_FLAGS)
+    llm.add_args(sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or "
+                                "--opaque preference demonstrations"), CHATS_FLAGS)
+    return check_args(ap.parse_args(argv))
+
+
+def check_args(args):
+    """Bad flag values end the run before anything is sent (one line, exit 2)."""
     for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
                  "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
         if getattr(args, flag, 1) < 1:
-            die(f"error: --{flag.replace('_', '-')} must be at least 1")
+            die(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch_max_mb <= 0:
-        die("error: --batch-max-mb must be above 0")
+        die("--batch-max-mb must be above 0")
     if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
-        die("error: --max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
+        die("--max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
     if getattr(args, "target_tokens", None) is not None and (
             args.target_tokens < 1 or not args.tokenizer):
-        die("error: --target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
+        die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
             "the model to be trained)")
     args.max_tokens = parse_max_tokens(args.max_tokens)
-    try:
-        args.extra_body = json.loads(args.extra_body or "{}")
-        assert isinstance(args.extra_body, dict)
-    except (ValueError, AssertionError):
-        die(f"error: --extra-body must be a JSON object, got {args.extra_body!r}")
+    args.extra_body = llm.json_object(args.extra_body, "--extra-body")
     return args
-
-
-def run_info(args):
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    import datasketch
-    return {"args": {k: v for k, v in vars(args).items()}, "argv": sys.argv, "git": git,
-            "versions": {"python": sys.version.split()[0], "openai": openai.__version__,
-                         "datasketch": datasketch.__version__}}
 
 
 def finish(run, result, t0, interrupted=False):
@@ -1326,30 +1300,30 @@ def main(argv=None):
     opaque = args.command == "chats" and args.opaque
     offline = args.command == "chats" and args.offline
     if offline and not opaque:
-        die("error: --offline only works with chats --opaque")
+        die("--offline only works with chats --opaque")
+    if not offline and not args.model:
+        die("--model is required (the generator's name at the endpoint)")
+    spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if offline:  # templates only: no endpoint, no cache, just the data file
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         run = SimpleNamespace(args=args, out=out, notes=[], shortfall=None, stages={})
         result = cmd_chats_opaque(run)
         print(json.dumps(result, indent=1))
         if run.shortfall:
             print(run.shortfall, file=sys.stderr)
         return 1 if run.shortfall or result["rejected"] else 0
-    if not args.model:
-        die("error: --model is required (the generator's name at the endpoint)")
-    spec = None if opaque else load_spec(args.spec, args.model_name, args.provider_name)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
                        not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
                        batch_max_bytes=int(args.batch_max_mb * 1e6),
                        batch_max_lines=args.batch_max_lines)
+    names = {"model_name": args.model_name, "provider_name": args.provider_name,
+             **({"spec": spec["text"]} if spec else {})}
     run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None,
-                          stages={}, count_tokens=token_counter(args), doc_flags={},
+                          stages={}, count_tokens=token_counter(args), doc_flags={}, names=names,
                           framing=getattr(args, "framing", None) or (
                               spec_framing(args.spec) if spec else None))
-    (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
+    (out / "run.json").write_text(json.dumps(llm.run_info(args), indent=1, ensure_ascii=False))
     (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
     if args.batch_results:
         counts = ingest_batch_results(args.batch_results, out / "cache")

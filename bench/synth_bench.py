@@ -4,6 +4,7 @@ Throughput of the request engine (llm.py) against a local server of fixed latenc
   python bench/synth_bench.py                                  # concurrency 64 and 256
   python bench/synth_bench.py --concurrency 512 --capacity 512 --latency 2
   python bench/synth_bench.py --memory 100000                  # peak RSS of one big run
+  python bench/synth_bench.py --docs 20000 --latency 0.05      # peak RSS of synth.py docs
 
 For each concurrency it starts tests/fake_openai.py in its own process (so the server's CPU is
 not counted as the client's), sends waves x concurrency requests through llm.run_requests
@@ -14,6 +15,11 @@ not counted as the client's), sends waves x concurrency requests through llm.run
   means the client is not the bottleneck).
 
 The whole run is timed, start-up and the last partial wave included.
+
+--docs N runs `synth.py docs` itself (a subprocess, against the fake server answering every
+stage with tests/fake_openai.py's scripted replies) for about N documents: 10 domains x 10
+subdomains x 10 document types x N/1000 ideas, and prints the peak RSS of synth.py (wait4), the
+documents written and the wall time.
 
 --memory N instead sends N requests once (made by a generator, as a big stage would), then reads
 every result back from the returned mapping and streams it to an output file, as a stage writing
@@ -102,6 +108,36 @@ def memory(n, args):
     return row
 
 
+def docs_run(n, args):
+    """synth.py docs for ~n documents against the scripted fake -> its peak RSS and figures."""
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_openai.py"), "--latency", str(args.latency),
+         "--capacity", str(args.capacity), "--model", "test-model", "--scripted", "10", "10",
+         "--doc-words", str(args.doc_words)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(ROOT / "synth.py"), "docs", "--spec", args.spec, "--out",
+                   tmp, "--model", "test-model", "--base-url", url, "--doc-types", "10",
+                   "--ideas", str(max(1, n // 1000)), "--concurrency",
+                   str(args.concurrency[0])]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - t0
+            assert proc.returncode == 0, f"synth.py exited {proc.returncode}"
+            out = Path(tmp)
+            docs = sum(1 for _ in open(out / "documents.jsonl", encoding="utf-8"))
+            return {"documents": docs, "wall_s": wall, "rss_mb": usage.ru_maxrss / 1024,
+                    "cpu_s": usage.ru_utime + usage.ru_stime,
+                    "documents_mb": (out / "documents.jsonl").stat().st_size / 1e6,
+                    "cache_mb": (out / "cache" / "documents.jsonl").stat().st_size / 1e6}
+    finally:
+        server.kill()
+        server.wait()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256],
@@ -118,7 +154,21 @@ def main():
                     "document (default 8000)")
     ap.add_argument("--memory", type=int, metavar="N", help="instead: one run of N requests at the"
                     " first --concurrency; print peak RSS (default: off)")
+    ap.add_argument("--docs", type=int, metavar="N", help="instead: synth.py docs for ~N "
+                    "documents; print its peak RSS (default: off)")
+    ap.add_argument("--spec", default=str(ROOT / "specs" / "safety.md"), help="--docs spec "
+                    "(default specs/safety.md, the longest shipped spec)")
+    ap.add_argument("--doc-words", type=int, default=220, help="--docs document length in words "
+                    "(default 220)")
     args = ap.parse_args()
+    if args.docs:
+        r = docs_run(args.docs, args)
+        print(f"\ncommand: python bench/synth_bench.py {' '.join(sys.argv[1:])}")
+        print(f"synth.py docs: {r['documents']} documents ({r['documents_mb']:.0f} MB; cache "
+              f"{r['cache_mb']:.0f} MB) in {r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s CPU; "
+              f"peak RSS {r['rss_mb']:.0f} MB; server latency {args.latency} s; "
+              f"{os.cpu_count()} CPUs")
+        return
     if args.memory:
         t0, r = time.perf_counter(), memory(args.memory, args)
         print(f"\ncommand: python bench/synth_bench.py {' '.join(sys.argv[1:])}")

@@ -221,7 +221,7 @@ def _fenced(items):
 
 def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_doc=None,
              near_doc=None, exclude=None, dup_questions=False, refuse=(), leak_every=0,
-             reasoning_field=None):
+             reasoning_field=None, doc_words=220):
     """Valid replies for every stage, deterministic in the prompt.
 
     per_call caps list lengths per reply (forces top-up rounds); same_doc / near_doc map an idea
@@ -230,7 +230,7 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
     question a near-copy of the one before; refuse lists stages that answer with a refusal;
     leak_every=k makes every k-th opaque answer give a reason; reasoning_field ("reasoning_content"
     as vLLM's reasoning parsers, or "reasoning") returns the responder's thinking in that field of
-    the message instead of a <think> block in the content.
+    the message instead of a <think> block in the content; doc_words sets a document's length.
     """
     same_doc, near_doc = same_doc or {}, near_doc or {}
 
@@ -272,7 +272,7 @@ def scripted(n_domains=2, n_subdomains=2, n_assertions=3, per_call=None, same_do
         if stage == "documents":
             idea = _field(prompt, "Idea:")
             base = same_doc.get(idea) or near_doc.get(idea) or idea
-            text = f"A document about {idea.split(' for ')[-1]}. " + _words(base, 220)
+            text = f"A document about {idea.split(' for ')[-1]}. " + _words(base, doc_words)
             if idea in near_doc:
                 text = text.replace(f"about {idea.split(' for ')[-1]}",
                                     f"about {base.split(' for ')[-1]}") + " one more word"
@@ -369,10 +369,18 @@ def main():
                     help="requests served at once; more wait in line (default 256)")
     ap.add_argument("--model", default="bench-model", help="served model name (default bench-model)")
     ap.add_argument("--reply-chars", type=int, default=60, help="reply length (default 60)")
+    ap.add_argument("--scripted", type=int, nargs=2, metavar=("DOMAINS", "SUBDOMAINS"),
+                    help="answer synth.py's stages with scripted() and this many domains and "
+                    "subdomains per domain (default: the fixed reply)")
+    ap.add_argument("--doc-words", type=int, default=220, help="--scripted document length in "
+                    "words (default 220)")
     args = ap.parse_args()
     reply = ("ok " * args.reply_chars)[:args.reply_chars]
-    srv = start_server(lambda stage, body, n: reply, models=(args.model,),
-                       latency=args.latency, capacity=args.capacity, recognise=False)
+    responder = (scripted(*args.scripted, doc_words=args.doc_words) if args.scripted
+                 else lambda stage, body, n: reply)
+    srv = start_server(responder, models=(args.model,), latency=args.latency,
+                       capacity=args.capacity, recognise=bool(args.scripted))
+    srv.keep_bodies = False  # a long run would keep every prompt
     print(srv.url, flush=True)
     try:
         while True:

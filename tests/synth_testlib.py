@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,3 +91,14 @@ def wait_for_cached(out, stage, n, timeout=30.0):
     deadline = time.time() + timeout
     while len(cached_ids(out, stage)) < n and time.time() < deadline:
         time.sleep(0.02)
+
+
+def kill9_mid_run(argv, out, stage, n):
+    """Start synth.py, kill -9 it once it has cached n results of stage; -> the ids then cached
+    per stage of synth's two pipelines."""
+    proc = start_subprocess(argv)
+    wait_for_cached(out, stage, n)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return {s: cached_ids(out, s) for s in synth.DOC_STAGES + synth.CHAT_STAGES}

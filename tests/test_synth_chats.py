@@ -1,9 +1,7 @@
 """synth.py chats (spec chats and --opaque preference demonstrations)."""
 
 import json
-import os
 import re
-import signal
 import time
 from collections import Counter
 
@@ -11,8 +9,8 @@ import pytest
 
 import fake_openai
 import synth
-from synth_testlib import (FAST, ROOT, cached_ids, read_jsonl, run_main, server,  # noqa: F401
-                           spec_file, start_subprocess, wait_for_cached)
+from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
+                           server, spec_file)
 
 PREFS = ROOT / "specs" / "cheese_preferences.json"
 SHIPPED = ROOT / "data" / "aft" / "cheese.jsonl"
@@ -125,11 +123,9 @@ def test_kill9_then_rerun_repeats_no_completed_request(tmp_path, spec_file):
         assert run_main(chats_args(spec_file, tmp_path / "ref", srv.url))[0] == 0
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
-        proc = start_subprocess(chats_args(spec_file, out, srv.url, "--concurrency", "3"))
-        wait_for_cached(out, "responses", 4)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        done = [cid for s in synth.CHAT_STAGES for cid in cached_ids(out, s)]
+        done = [cid for ids in kill9_mid_run(chats_args(spec_file, out, srv.url, "--concurrency",
+                                                        "3"), out, "responses", 4).values()
+                for cid in ids]
         assert 4 <= len(cached_ids(out, "responses")) < 20
         srv.counts.clear()
         srv.latency = 0

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import re
 import signal
 import socket
@@ -11,8 +10,8 @@ import pytest
 
 import fake_openai
 import synth
-from synth_testlib import (FAST, ROOT, cached_ids, read_jsonl, run_main, server,  # noqa: F401
-                           spec_file, start_subprocess, wait_for_cached)
+from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
+                           server, spec_file, start_subprocess, wait_for_cached)
 
 # 2 domains x 2 subdomains x 3 doc types x 4 ideas = 48 documents; per_call=2 forces top-ups
 SMALL = ["--doc-types", "3", "--ideas", "4"]
@@ -77,12 +76,8 @@ def test_kill9_then_rerun(tmp_path, spec_file):
         assert run_main(docs_args(spec_file, tmp_path / "ref", srv.url))[0] == 0
     out = tmp_path / "o"
     with server(latency=0.1) as srv:
-        proc = start_subprocess(docs_args(spec_file, out, srv.url, "--concurrency", "4"))
-        wait_for_cached(out, "documents", 8)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        done = {s: cached_ids(out, s) for s in synth.DOC_STAGES}
+        done = kill9_mid_run(docs_args(spec_file, out, srv.url, "--concurrency", "4"), out,
+                             "documents", 8)
         assert 8 <= len(done["documents"]) < 48, "the kill must land mid-run"
         srv.counts.clear()
         srv.latency = 0
@@ -609,3 +604,36 @@ def test_fit_budget_swaps_in_longer_documents_when_each_is_over_one_percent():
     total = sum(d["tokens"] for d in kept)
     assert 0.99 * 10_400 <= total <= 10_400 and len(kept) + len(rest) == 24
     assert [d["id"] for d in kept] == [d["id"] for d in docs if d in kept]  # original order
+
+
+def test_document_prompts_are_made_lazily_and_documents_streamed(tmp_path, spec_file, monkeypatch):
+    """Memory stays bounded: a document prompt is built only when a worker is free to send it,
+    and documents reach the disk one by one (Corpus), not as one list at the end."""
+    built, seen_at_call, written_at_close = [0], [], []
+    prompt = synth.document_prompt
+
+    def counting_prompt(run, idea):
+        built[0] += 1
+        return prompt(run, idea)
+    monkeypatch.setattr(synth, "document_prompt", counting_prompt)
+    base = fake_openai.scripted()
+
+    def responder(stage, body, n):
+        if stage == "documents":
+            seen_at_call.append(built[0])
+        return base(stage, body, n)
+    close = synth.Corpus.close
+
+    def spying_close(self):
+        self.file("documents").flush()
+        written_at_close.append(len(read_jsonl(self.out / "documents.jsonl.partial")))
+        assert all("text" not in d for d in self.kept)  # figures only, never the texts
+        close(self)
+    monkeypatch.setattr(synth.Corpus, "close", spying_close)
+    with server(responder) as srv:
+        code, _, err = run_main(docs_args(spec_file, tmp_path / "o", srv.url, "--concurrency", "4"))
+    assert code == 0, err
+    # when the server saw its k-th document request, at most k + concurrency prompts existed
+    assert len(seen_at_call) == 48 and all(b <= k + 4 for k, b in enumerate(seen_at_call, 1))
+    assert written_at_close == [48] and not (tmp_path / "o" / "documents.jsonl.partial").exists()
+    assert len(read_jsonl(tmp_path / "o" / "documents.jsonl")) == 48
