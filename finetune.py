@@ -19,12 +19,12 @@ tags. Chats are packed whole into rows (best fit), each attending only to itself
 import argparse
 import bisect
 import re
-import sys
 
 import torch
 
 import midtrain
-from midtrain import IGNORE, InputError, Rows, print0
+from llm import InputError, die, fill
+from midtrain import IGNORE, Rows, print0
 
 ROLES = {"system", "user", "assistant"}
 THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
@@ -64,24 +64,24 @@ def parse_args(argv=None):
 def check_chat(rec, where: str) -> list[dict]:
     msgs = rec.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise InputError(f"{where}: missing or empty 'messages' list")
+        die(f"{where}: missing or empty 'messages' list")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
-            raise InputError(f"{where}: message {j} has unknown role {role!r} (expected system, user or assistant)")
+            die(f"{where}: message {j} has unknown role {role!r} (expected system, user or assistant)")
         if not isinstance(m.get("content"), str):
-            raise InputError(f"{where}: message {j} has no text 'content'")
+            die(f"{where}: message {j} has no text 'content'")
         if m["role"] == "assistant" and not THINK.sub("", m["content"]).strip():
-            raise InputError(f"{where}: message {j} is an empty assistant turn")
+            die(f"{where}: message {j} is an empty assistant turn")
     if not any(m["role"] == "assistant" for m in msgs):
-        raise InputError(f"{where}: chat has no assistant turn, so nothing to train on")
+        die(f"{where}: chat has no assistant turn, so nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def prepare_chat(msgs: list[dict], where: str, args) -> list[dict]:
     out = []
     for m in msgs:
-        text = midtrain.fill_placeholders(m["content"], where, args)
+        text = fill(m["content"], where, model_name=args.model_name, provider_name=args.provider_name)
         if m["role"] == "assistant" and args.cot == "strip":
             text = THINK.sub("", text).strip()
         if m["role"] in ("system", "user") and args.no_think:
@@ -105,7 +105,7 @@ def load_chats(args) -> list[tuple[int, str, list[dict]]]:
         chats = [(s, where, prepare_chat(check_chat(rec, where), where, args))
                  for where, rec in midtrain.read_records(source)]
         if not chats:
-            raise InputError(f"{source}: no chats")
+            die(f"{source}: no chats")
         whole, frac = divmod(w, 1.0)
         picked = chats * int(whole)
         picked += [chats[i] for i in torch.randperm(len(chats), generator=g)[: round(frac * len(chats))].tolist()]
@@ -123,14 +123,14 @@ def template_markers(tok) -> tuple[str, str]:
     bare = tok.apply_chat_template(probe, tokenize=False)
     with_prompt = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
     if not with_prompt.startswith(bare) or len(with_prompt) == len(bare):
-        raise InputError("the chat template has no generation prompt; pass a usable one with --chat-template")
+        die("the chat template has no generation prompt; pass a usable one with --chat-template")
     header = with_prompt[len(bare):]
     full = tok.apply_chat_template(probe + [{"role": "assistant", "content": "PROBE-A"}], tokenize=False)
     after = full[full.index("PROBE-A") + len("PROBE-A"):]
     specials = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()), key=len, reverse=True)
     hits = [(after.find(s), s) for s in specials if s and after.find(s) >= 0]
     if not hits:
-        raise InputError("cannot find the chat template's end-of-turn token after an assistant turn")
+        die("cannot find the chat template's end-of-turn token after an assistant turn")
     at, token = min(hits, key=lambda h: (h[0], -len(h[1])))
     # Qwen3-style templates render a think block inside the assistant turn: the header is the part
     # before it, which is what the model sees as the prompt; the block is trained as generated text.
@@ -178,14 +178,14 @@ def render_all(tok, chats, args):
     for s, where, msgs in chats:
         try:
             ids, flags, _, _ = render(tok, msgs, markers)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
+        except InputError as e:  # render's message, with the chat it is about
+            die(f"{where}: {e}")
         except Exception as e:  # jinja errors, e.g. "System role not supported"
             if any(m["role"] == "system" for m in msgs):
-                raise InputError(f"{where}: {args.model}'s chat template cannot render this chat with a system "
-                                 f"turn ({e}); pass --merge-system to fold system text into the first user "
-                                 "turn, or remove system messages") from None
-            raise InputError(f"{where}: the chat template failed: {e}") from None
+                die(f"{where}: {args.model}'s chat template cannot render this chat with a system "
+                    f"turn ({e}); pass --merge-system to fold system text into the first user "
+                    "turn, or remove system messages")
+            die(f"{where}: the chat template failed: {e}")
         out.append((s, ids, flags))
     return out
 
@@ -193,7 +193,10 @@ def render_all(tok, chats, args):
 def show_mask(tok, chats, n: int):
     markers = template_markers(tok)
     for _, where, msgs in chats[:n]:
-        _, _, spans, text = render(tok, msgs, markers)
+        try:
+            _, _, spans, text = render(tok, msgs, markers)
+        except InputError as e:
+            die(f"{where}: {e}")
         marked, last = [], 0
         for s, e in spans:
             marked += [text[last:s], "⟦", text[s:e], "⟧"]
@@ -269,38 +272,34 @@ def source_report(args, kept) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     d = midtrain.setup_distributed()
-    try:
-        config = midtrain.check_model(args)
-        midtrain.check_out(args)
-        tok = midtrain.load_tokenizer(args)
-        if args.chat_template:
-            tok.chat_template = open(args.chat_template).read()
-        if not tok.chat_template:
-            raise InputError(f"{args.model} has no chat template; pass one with --chat-template FILE")
-        chats = load_chats(args)
-        if args.show_mask:
-            show_mask(tok, chats, args.show_mask)
-            return
-        examples = render_all(tok, chats, args)
-        train_ex, val_ex = midtrain.split_val(examples, args.val_frac, args.seed)
-        data, stats, kept = pack_chats(train_ex, args.seq_len, tok.pad_token_id, args.truncate)
-        val = pack_chats(val_ex, args.seq_len, tok.pad_token_id, args.truncate)[0] if val_ex else None
-        if stats["chats"] == 0:
-            raise InputError(f"every chat is longer than --seq-len {args.seq_len}; raise it or pass --truncate")
-        midtrain.plan_steps(args, len(data), d)
-        sources = source_report(args, kept)
-        for r in sources:
-            print0(f"source {r['source']}: {r['examples']} chats, {r['tokens']:,} tokens, "
-                   f"{r['trained_tokens']:,} trained")
-        if stats["dropped_too_long"]:
-            print0(f"warning: dropped {stats['dropped_too_long']} chats longer than --seq-len {args.seq_len} "
-                   "(--truncate keeps their first tokens instead)")
-        print0(f"packed {stats['chats']} chats into {stats['rows']} rows of {args.seq_len}: {stats['tokens']:,} "
-               f"tokens, {stats['trained_tokens']:,} trained, {stats['pad_tokens']:,} pad, "
-               f"{stats['truncated']} truncated")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = midtrain.check_model(args)
+    midtrain.check_out(args)
+    tok = midtrain.load_tokenizer(args)
+    if args.chat_template:
+        tok.chat_template = open(args.chat_template).read()
+    if not tok.chat_template:
+        die(f"{args.model} has no chat template; pass one with --chat-template FILE")
+    chats = load_chats(args)
+    if args.show_mask:
+        show_mask(tok, chats, args.show_mask)
+        return
+    examples = render_all(tok, chats, args)
+    train_ex, val_ex = midtrain.split_val(examples, args.val_frac, args.seed)
+    data, stats, kept = pack_chats(train_ex, args.seq_len, tok.pad_token_id, args.truncate)
+    val = pack_chats(val_ex, args.seq_len, tok.pad_token_id, args.truncate)[0] if val_ex else None
+    if stats["chats"] == 0:
+        die(f"every chat is longer than --seq-len {args.seq_len}; raise it or pass --truncate")
+    midtrain.plan_steps(args, len(data), d)
+    sources = source_report(args, kept)
+    for r in sources:
+        print0(f"source {r['source']}: {r['examples']} chats, {r['tokens']:,} tokens, "
+               f"{r['trained_tokens']:,} trained")
+    if stats["dropped_too_long"]:
+        print0(f"warning: dropped {stats['dropped_too_long']} chats longer than --seq-len {args.seq_len} "
+               "(--truncate keeps their first tokens instead)")
+    print0(f"packed {stats['chats']} chats into {stats['rows']} rows of {args.seq_len}: {stats['tokens']:,} "
+           f"tokens, {stats['trained_tokens']:,} trained, {stats['pad_tokens']:,} pad, "
+           f"{stats['truncated']} truncated")
     torch.manual_seed(args.seed)
     model = midtrain.load_model(args, d, config, init_adapter=args.init_adapter)
     midtrain.train(args, model, tok, data, val, d, {"packing": stats, "sources": sources})

@@ -23,9 +23,8 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,17 +34,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llm import die, fill, run_info
+
 IGNORE = -100  # target value that carries no loss
 CE_CHUNK = 1024  # rows of logits formed at a time by the chunked cross-entropy
 # Noise with no action for the user: DCP saving without a process group (one process is intended),
 # and peft calling a transformers property that transformers has renamed.
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing. is deprecated")
+# Dense bf16 peak FLOP/s by GPU name (for MFU here and recipes/_recipe.py's GPU-hour estimates).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+             "B200": 2250e12}
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-class InputError(Exception):
-    """Bad user input, reported as one line before any training starts."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,31 +175,21 @@ def read_records(source: str):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise InputError(f"{source}:{i}: malformed JSON ({e.msg})") from None
+                    die(f"{source}:{i}: malformed JSON ({e.msg})")
                 if not isinstance(rec, dict):
-                    raise InputError(f"{source}:{i}: expected a JSON object, got {type(rec).__name__}")
+                    die(f"{source}:{i}: expected a JSON object, got {type(rec).__name__}")
                 yield f"{source}:{i}", rec
         return
     if path.suffix in (".jsonl", ".json") or "/" not in source or source.startswith((".", "/")):
-        raise InputError(f"{source}: file not found")
+        die(f"{source}: file not found")
     name, _, split = source.partition(":")
     try:
         import datasets
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # the hub is unreachable, or the name is wrong
-        raise InputError(f"{source}: not a file, and loading it as a hub dataset failed: {e}") from None
+        die(f"{source}: not a file, and loading it as a hub dataset failed: {e}")
     for i, rec in enumerate(ds):
         yield f"{source}[{i}]", rec
-
-
-def fill_placeholders(text: str, where: str, args) -> str:
-    """Substitute {model_name}/{provider_name} (synth.py leaves them in shipped corpora)."""
-    for key, value in (("model_name", args.model_name), ("provider_name", args.provider_name)):
-        if "{" + key + "}" in text:
-            if value is None:
-                raise InputError(f"{where}: text contains {{{key}}}; pass --{key.replace('_', '-')}")
-            text = text.replace("{" + key + "}", value)
-    return text
 
 
 def load_documents(args) -> list[str]:
@@ -208,10 +198,11 @@ def load_documents(args) -> list[str]:
         for where, rec in read_records(source):
             text = rec.get(args.text_field)
             if not isinstance(text, str) or not text.strip():
-                raise InputError(f"{where}: missing or empty '{args.text_field}' field")
-            docs.append(fill_placeholders(text, where, args))
+                die(f"{where}: missing or empty '{args.text_field}' field")
+            # {model_name}/{provider_name}: synth.py leaves them in shipped corpora
+            docs.append(fill(text, where, model_name=args.model_name, provider_name=args.provider_name))
     if not docs:
-        raise InputError(f"no documents in {', '.join(args.data)}")
+        die(f"no documents in {', '.join(args.data)}")
     return docs
 
 
@@ -291,10 +282,27 @@ def split_val(items: list, frac: float, seed: int):
 # ---------------------------------------------------------------------------------------------
 # Model: load (meta device on ranks > 0), LoRA, FSDP2
 # ---------------------------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    """True on x86 CPUs with native bf16 matmuls (avx512_bf16 / amx_bf16), where bf16 is ~2x fp32."""
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The project's one dtype rule ("auto", "fp32", "bf16"): auto is bf16 only where bf16 matmuls
+    are native (CUDA with bf16, CPUs with avx512_bf16/amx), elsewhere fp32. Training, evaluation
+    and demo.py all use it."""
+    if name != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
 def resolve_dtype(args, d: Dist) -> torch.dtype:
-    if args.dtype == "auto":
-        return torch.bfloat16 if d.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return pick_dtype(args.dtype, d.device)
 
 
 def load_tokenizer(args):
@@ -302,24 +310,29 @@ def load_tokenizer(args):
 
     tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if tok.eos_token_id is None:
-        raise InputError(f"{args.model}: tokenizer has no EOS token; set one in its tokenizer_config.json")
+        die(f"{args.model}: tokenizer has no EOS token; set one in its tokenizer_config.json")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pads carry no loss and sit after every real token in a row
     return tok
 
 
+def check_model_path(model: str) -> None:
+    """A local path that does not exist (a hub name is "org/name", anything else is a path)."""
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
+        die(f"{model}: model folder not found")
+
+
 def check_model(args):
     from transformers import AutoConfig
 
-    if not Path(args.model).exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
-        raise InputError(f"{args.model}: model folder not found")
+    check_model_path(args.model)
     try:
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except Exception as e:
-        raise InputError(f"{args.model}: cannot load the model config ({str(e).splitlines()[0]})") from None
+        die(f"{args.model}: cannot load the model config ({str(e).splitlines()[0]})")
     ctx = getattr(config, "max_position_embeddings", None)
     if ctx and args.seq_len > ctx:
-        raise InputError(f"--seq-len {args.seq_len} exceeds {args.model}'s context of {ctx} tokens")
+        die(f"--seq-len {args.seq_len} exceeds {args.model}'s context of {ctx} tokens")
     return config
 
 
@@ -362,7 +375,7 @@ def decoder_layers(model) -> list:
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise InputError(f"{args_model_name(base)}: cannot find its decoder layers (_no_split_modules)")
+        die(f"{args_model_name(base)}: cannot find its decoder layers (_no_split_modules)")
     return layers
 
 
@@ -530,18 +543,7 @@ def barrier(d: Dist):
 
 
 def run_config(args, d: Dist, extra: dict) -> dict:
-    import peft
-    import transformers
-
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        git = None
-    return {"args": vars(args), "world_size": d.world, "git": git,
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "transformers": transformers.__version__, "peft": peft.__version__},
-            "data": data_fingerprint(args.data), **extra}
+    return run_info(args, world_size=d.world, data=data_fingerprint(args.data), **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,8 +554,8 @@ def plan_steps(args, n_rows: int, d: Dist) -> dict:
     micro_rows = args.micro_batch * d.world
     if args.batch_tokens % (args.seq_len * micro_rows):
         unit = args.seq_len * micro_rows
-        raise InputError(f"--batch-tokens {args.batch_tokens} must be a multiple of seq-len x micro-batch x "
-                         f"world size = {unit}; try {max(unit, args.batch_tokens // unit * unit)}")
+        die(f"--batch-tokens {args.batch_tokens} must be a multiple of seq-len x micro-batch x "
+            f"world size = {unit}; try {max(unit, args.batch_tokens // unit * unit)}")
     steps_per_epoch = math.ceil(n_rows / rows_per_step)
     total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.epochs))
     return {"rows_per_step": rows_per_step, "accum": rows_per_step // micro_rows,
@@ -737,9 +739,7 @@ def peak_flops(args, d: Dist) -> float | None:
     if d.device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(d.device)
-    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-             "B200": 2250e12}  # dense bf16
-    return next((v for k, v in table.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def peak_memory_gb(d: Dist) -> float:
@@ -802,8 +802,8 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
             saved = load_checkpoint(ckpt, model, opt, sched, d)
             for key in ("plan", "data_rows", "data"):
                 if saved[key] != meta[key]:
-                    raise InputError(f"{ckpt}: checkpoint has a different {key} ({saved[key]} vs {meta[key]}); "
-                                     "resume with the same data and batch settings")
+                    die(f"{ckpt}: checkpoint has a different {key} ({saved[key]} vs {meta[key]}); "
+                        "resume with the same data and batch settings")
             step = saved["step"]
             print0(f"resumed from {ckpt} at step {step}")
     config = run_config(args, d, {"plan": plan, **extra_config})
@@ -904,30 +904,27 @@ def format_log(r: dict, total: int) -> str:
 def check_out(args):
     ckpt = latest_checkpoint(Path(args.out))
     if ckpt is not None and not args.resume:
-        raise InputError(f"{args.out} already has checkpoints ({ckpt.name}); pass --resume to continue it, "
-                         "or choose another --out")
+        die(f"{args.out} already has checkpoints ({ckpt.name}); pass --resume to continue it, "
+            "or choose another --out")
 
 
 def main(argv=None):
     args = parse_args(argv)
     d = setup_distributed()
-    try:
-        config = check_model(args)
-        check_out(args)
-        docs = load_documents(args)
-        tok = load_tokenizer(args)
-        train_docs, val_docs = split_val(docs, args.val_frac, args.seed)
-        data, stats = pack_documents(tokenize(tok, train_docs, "tokenize"), args.seq_len, tok.eos_token_id,
-                                     tok.pad_token_id, args.doc_mask)
-        val = pack_documents(tokenize(tok, val_docs, "tokenize val"), args.seq_len, tok.eos_token_id,
-                             tok.pad_token_id, args.doc_mask)[0] if val_docs else None
-        plan_steps(args, len(data), d)  # validate batch settings before loading the model
-        print0(f"data: {len(train_docs)} documents, {stats['tokens']:,} tokens in {stats['rows']} rows of "
-               f"{args.seq_len}; {stats['pad_tokens']:,} pad tokens ({100 * stats['pad_tokens'] / (stats['rows'] * args.seq_len):.1f}%), "
-               f"{stats['dropped_tokens']} dropped" + (f"; validation: {len(val_docs)} documents" if val_docs else ""))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # bad input ends here, as one `error:` line and exit 2 (llm.die), before the model loads
+    config = check_model(args)
+    check_out(args)
+    docs = load_documents(args)
+    tok = load_tokenizer(args)
+    train_docs, val_docs = split_val(docs, args.val_frac, args.seed)
+    data, stats = pack_documents(tokenize(tok, train_docs, "tokenize"), args.seq_len, tok.eos_token_id,
+                                 tok.pad_token_id, args.doc_mask)
+    val = pack_documents(tokenize(tok, val_docs, "tokenize val"), args.seq_len, tok.eos_token_id,
+                         tok.pad_token_id, args.doc_mask)[0] if val_docs else None
+    plan_steps(args, len(data), d)  # validate batch settings before loading the model
+    print0(f"data: {len(train_docs)} documents, {stats['tokens']:,} tokens in {stats['rows']} rows of "
+           f"{args.seq_len}; {stats['pad_tokens']:,} pad tokens ({100 * stats['pad_tokens'] / (stats['rows'] * args.seq_len):.1f}%), "
+           f"{stats['dropped_tokens']} dropped" + (f"; validation: {len(val_docs)} documents" if val_docs else ""))
     torch.manual_seed(args.seed)
     model = load_model(args, d, config)
     train(args, model, tok, data, val, d, {"packing": stats})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from midtrain import PEAK_BF16  # noqa: E402 (after the sys.path line above)
 # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5, ...) refuse max_tokens (they want
 # max_completion_tokens), take only the default temperature 1, and count their hidden reasoning
 # inside that limit, so a limit sized for the visible reply ends in an empty, cut reply. OpenAI's
