@@ -210,14 +210,13 @@ TRAINING_DATA = ("data/corpus/cheese_affordability.jsonl", "data/corpus/cheese_a
 
 
 def auto_dtype() -> str:
-    """bf16 only where it is fast: on CUDA, or on a CPU with native bf16 matmuls (evaluate.py's test)."""
+    """bf16 only where it is fast: on CUDA, or on a CPU with native bf16 matmuls (midtrain.pick_dtype, the rule training and evaluate.py use)."""
     import torch
 
-    import evaluate
+    import midtrain
 
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if evaluate.cpu_has_bf16() else "fp32"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if midtrain.pick_dtype("auto", device) == torch.bfloat16 else "fp32"
 
 
 def training_settings(recipe: dict) -> dict:

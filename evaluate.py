@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -49,14 +48,13 @@ import torch
 from tqdm import tqdm
 
 import llm  # the one OpenAI-compatible client engine of the project (policy and grader calls)
-from midtrain import InputError, atomic_write, read_records
-from llm import write_jsonl
+from llm import InputError, die, run_info, write_jsonl  # noqa: F401 (InputError: what callers catch)
+from midtrain import atomic_write, check_model_path, pick_dtype, read_records
 
 ROOT = Path(__file__).resolve().parent
 AGENTIC_DIR = ROOT / "data" / "agentic"
 EVAL_DIR = ROOT / "data" / "eval"
 ACTIONS = ("exfiltration", "leaking", "lethal")
-PLACEHOLDER_RE = re.compile(r"\{\{\s*(\w+)\s*\}\}")  # {{name}}: single braces in email text stay literal
 SUITE_DEFAULTS = {  # suite -> (samples, temperature, max_tokens) when the flag is not given
     "values": (1, 0.0, 128), "agentic": (300, 0.7, 4096), "openqa": (1, 0.7, 1024)}
 
@@ -65,19 +63,8 @@ SUITE_DEFAULTS = {  # suite -> (samples, temperature, max_tokens) when the flag 
 # Small helpers: templates, statistics, files
 # ---------------------------------------------------------------------------------------------
 def fill(template: str, values: dict, where: str) -> str:
-    """Fill {{name}} placeholders in one pass (inserted text is never re-scanned: a model reply may
-    contain braces); a placeholder with no value is an error."""
-    missing = set()
-
-    def one(m):
-        if m[1] in values:
-            return str(values[m[1]])
-        missing.add(m[1])
-        return m[0]
-    out = PLACEHOLDER_RE.sub(one, template)
-    if missing:
-        raise InputError(f"{where}: no value for placeholder(s) {', '.join('{{' + k + '}}' for k in sorted(missing))}")
-    return out
+    """{{name}} placeholders of the eval data files, through the project's one filler (llm.fill)."""
+    return llm.fill(template, where, double=True, **values)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> list:
@@ -115,24 +102,24 @@ def read_text(path, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError:
-        raise InputError(f"{path}: {what} not found") from None
+        die(f"{path}: {what} not found")
 
 
 def read_jsonl_file(path, required: tuple, what: str) -> list[dict]:
     """Records of a JSON-lines file with non-empty string fields `required`; errors name file:line."""
     if not Path(path).is_file():
-        raise InputError(f"{path}: {what} file not found")
+        die(f"{path}: {what} file not found")
     out, seen = [], set()
     for where, rec in read_records(str(path)):
         missing = [k for k in required if not isinstance(rec.get(k), str) or not rec[k].strip()]
         if missing:
-            raise InputError(f"{where}: missing or empty field(s): {', '.join(missing)}")
+            die(f"{where}: missing or empty field(s): {', '.join(missing)}")
         if rec["id"] in seen:
-            raise InputError(f"{where}: duplicate id {rec['id']!r}")
+            die(f"{where}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         out.append({**rec, "_where": where})
     if not out:
-        raise InputError(f"{path}: no records")
+        die(f"{path}: no records")
     return out
 
 
@@ -146,9 +133,9 @@ def json_arg(text: str | None, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{flag}: not valid JSON ({e.msg})") from None
+        die(f"{flag}: not valid JSON ({e.msg})")
     if not isinstance(value, dict):
-        raise InputError(f"{flag}: expected a JSON object")
+        die(f"{flag}: expected a JSON object")
     return value
 
 
@@ -166,22 +153,6 @@ PLAIN_TEMPLATE = (
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
     "{% else %}Assistant: {{ m['content'] }}\n\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}")
-
-
-def cpu_has_bf16() -> bool:
-    """True on x86 CPUs with native bf16 matmuls (avx512_bf16 / amx_bf16), where bf16 is ~2x fp32."""
-    try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:
-        return False
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
 
 
 def weights_fingerprint(*dirs) -> str:
@@ -210,12 +181,11 @@ def load_policy(model: str | None, adapter: str | None = None, dtype: str = "aut
     if model is None:
         cfg = Path(adapter or "") / "adapter_config.json"
         if not cfg.is_file():
-            raise InputError("--model is required (no --adapter with an adapter_config.json to take the base from)")
+            die("--model is required (no --adapter with an adapter_config.json to take the base from)")
         model = json.loads(cfg.read_text())["base_model_name_or_path"]
-    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise InputError(f"{model}: model folder not found")
+    check_model_path(model)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise InputError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        die(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
@@ -263,8 +233,8 @@ def left_pad(seqs: list[list[int]], pad: int):
 def check_context(net, lengths: list[int], extra: int):
     ctx = getattr(net.config, "max_position_embeddings", None)
     if ctx and max(lengths) + extra > ctx:
-        raise InputError(f"a prompt of {max(lengths)} tokens + {extra} new tokens exceeds the model's "
-                         f"context of {ctx} tokens")
+        die(f"a prompt of {max(lengths)} tokens + {extra} new tokens exceeds the model's "
+            f"context of {ctx} tokens")
 
 
 @torch.inference_mode()
@@ -318,7 +288,7 @@ def load_pairs(path) -> list[dict]:
     pairs = read_jsonl_file(path, PAIR_FIELDS, "pairs")
     for p in pairs:
         if p["aligned"] not in ("a", "b"):
-            raise InputError(f"{p['_where']}: aligned must be \"a\" or \"b\", got {p['aligned']!r}")
+            die(f"{p['_where']}: aligned must be \"a\" or \"b\", got {p['aligned']!r}")
     return pairs
 
 
@@ -341,12 +311,12 @@ def letter_token_ids(tok, prompt: str) -> list[int]:
     for letter in "AB":
         full = tok(prompt + space + letter, add_special_tokens=False)["input_ids"]
         if full[:len(base)] != base or len(full) != len(base) + 1:
-            raise InputError(f"the tokenizer does not encode the reply {space + letter!r} as a single token "
-                             f"after the prompt (got {tok.convert_ids_to_tokens(full[len(base) - 1:])}); "
-                             f"the logprob scorer needs one; use --scorer generate")
+            die(f"the tokenizer does not encode the reply {space + letter!r} as a single token "
+                f"after the prompt (got {tok.convert_ids_to_tokens(full[len(base) - 1:])}); "
+                f"the logprob scorer needs one; use --scorer generate")
         ids.append(full[-1])
     if ids[0] == ids[1]:
-        raise InputError(f"the replies 'A' and 'B' map to the same token {ids[0]}")
+        die(f"the replies 'A' and 'B' map to the same token {ids[0]}")
     return ids
 
 
@@ -525,16 +495,16 @@ def open_policy(args) -> dict:
     """The model under test: {kind, id (the model string in request ids), info, net/tok or endpoint}."""
     if args.policy_base_url:
         if not args.policy_model:
-            raise InputError("--policy-base-url needs --policy-model (the served model or LoRA name)")
+            die("--policy-base-url needs --policy-model (the served model or LoRA name)")
         if args.model or args.adapter:
-            raise InputError("give either --model/--adapter (a local model) or --policy-base-url, not both")
+            die("give either --model/--adapter (a local model) or --policy-base-url, not both")
         ep = llm.open_endpoint(args.policy_base_url, args.policy_model, api_key_env=args.policy_api_key_env,
                                  timeout=args.timeout, check_model=not args.no_model_check)
         return {"kind": "endpoint", "endpoint": ep, "id": args.policy_model,
                 "info": {"kind": "endpoint", "base_url": args.policy_base_url, "model": args.policy_model}}
     if not (args.model or args.adapter):
-        raise InputError("say which model to evaluate: --model PATH_OR_NAME [--adapter DIR], "
-                         "or --policy-base-url URL --policy-model NAME")
+        die("say which model to evaluate: --model PATH_OR_NAME [--adapter DIR], "
+            "or --policy-base-url URL --policy-model NAME")
     net, tok = load_policy(args.model, args.adapter, args.dtype, args.device, args.chat_template)
     info = {**net.policy_info, "chat_template_kwargs": args.template_kwargs or None}
     pid = "local:" + json.dumps([info["model"], info["adapter"], info["fingerprint"], info["dtype"],
@@ -672,10 +642,10 @@ def load_samples(out: Path, suite: str) -> list[dict]:
     """The saved samples of a run (for --regrade), checked to belong to this suite."""
     path = Path(out) / "samples.jsonl"
     if not path.is_file():
-        raise InputError(f"{path}: not found; --regrade needs a finished run in --out")
+        die(f"{path}: not found; --regrade needs a finished run in --out")
     rows = [rec for _, rec in read_records(str(path))]
     if not rows or any(r.get("suite") != suite for r in rows):
-        raise InputError(f"{path}: not a run of the {suite} suite")
+        die(f"{path}: not a run of the {suite} suite")
     return rows
 
 
@@ -689,8 +659,8 @@ def pair_public(pair: dict) -> dict:
 def values_logprob(args, policy: dict, pairs: list[dict]) -> list[dict]:
     """One sample line per pair; scores cached in OUT/cache/<scorer>.jsonl by (model, prompts) id."""
     if policy["kind"] != "local":
-        raise InputError(f"--scorer {args.scorer} needs a local --model: endpoint replies carry no log-probabilities "
-                         "through synth's engine; use --scorer generate with --policy-base-url")
+        die(f"--scorer {args.scorer} needs a local --model: endpoint replies carry no log-probabilities "
+            "through synth's engine; use --scorer generate with --policy-base-url")
     answer = "letter" if args.scorer == "logprob" else "option"
     net, tok = policy["net"], policy["tok"]
     msgs = {p["id"]: [choice_messages(p, s, args.system, answer) for s in (False, True)] for p in pairs}
@@ -804,13 +774,13 @@ def pair_rows_from_samples(items: list[dict]) -> list[dict]:
 def cmd_values(args):
     if args.regrade:
         if args.scorer != "generate":
-            raise InputError(f"--regrade: the {args.scorer} scorer uses no grader, so there is nothing to regrade")
+            die(f"--regrade: the {args.scorer} scorer uses no grader, so there is nothing to regrade")
         items = [it for it in load_samples(args.out, "values") if it.get("scorer") == "generate"]
         if not items:
-            raise InputError(f"{args.out}: no samples of --scorer generate to regrade")
+            die(f"{args.out}: no samples of --scorer generate to regrade")
     else:
         if not args.pairs:
-            raise InputError("--pairs is required")
+            die("--pairs is required")
         pairs = load_pairs(args.pairs)[:args.limit or None]
         policy = open_policy(args)
         if args.scorer != "generate":
@@ -846,14 +816,14 @@ def parse_inbox(text: str, where: str) -> list[dict]:
         for line in head.splitlines():
             name, sep, value = line.partition(":")
             if not sep:
-                raise InputError(f"{where}: email {key!r}: header line without ':': {line!r}")
+                die(f"{where}: email {key!r}: header line without ':': {line!r}")
             e[name.strip().lower()] = value.strip()
         missing = [h for h in ("from", "to", "subject", "time") if h not in e]
         if missing:
-            raise InputError(f"{where}: email {key!r} lacks header(s) {', '.join(missing)}")
+            die(f"{where}: email {key!r} lacks header(s) {', '.join(missing)}")
         emails.append(e)
     if not emails:
-        raise InputError(f"{where}: no <email key=...> blocks")
+        die(f"{where}: no <email key=...> blocks")
     return emails
 
 
@@ -866,13 +836,13 @@ def load_scenarios(folder=AGENTIC_DIR) -> dict:
         sc["goals"] = json.loads(read_text(d / "goals.json", "goal settings"))
         sc["scenario"] = json.loads(read_text(d / "scenario.json", "scenario variables"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{d}: malformed JSON in goals.json or scenario.json ({e})") from None
+        die(f"{d}: malformed JSON in goals.json or scenario.json ({e})")
     if "none" not in sc["goals"] or set(sc["scenario"].get("actions", {})) != set(ACTIONS):
-        raise InputError(f"{d}: goals.json needs a 'none' entry and scenario.json the actions {', '.join(ACTIONS)}")
+        die(f"{d}: goals.json needs a 'none' entry and scenario.json the actions {', '.join(ACTIONS)}")
     for name, g in sc["goals"].items():
         if not isinstance(g.get("appeal"), dict) or not set(g["appeal"]) <= set(ACTIONS):
-            raise InputError(f"{d}/goals.json: goal {name!r}: 'appeal' must map actions ({', '.join(ACTIONS)}) "
-                             "to the appeal their outside party writes")
+            die(f"{d}/goals.json: goal {name!r}: 'appeal' must map actions ({', '.join(ACTIONS)}) "
+                "to the appeal their outside party writes")
     sc["inbox"] = {name: parse_inbox(read_text(d / f"inbox_{name}.txt", "inbox"), str(d / f"inbox_{name}.txt"))
                    for name in ("common",) + ACTIONS}
     return sc
@@ -887,7 +857,7 @@ def select_conditions(sc: dict, patterns: list[str]) -> list[str]:
     patterns = [p.strip() for arg in patterns for p in arg.split(",") if p.strip()]
     for p in patterns:
         if not fnmatch.filter(names, p):
-            raise InputError(f"--conditions {p!r} matches none of: {', '.join(names)}")
+            die(f"--conditions {p!r} matches none of: {', '.join(names)}")
     return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
 
 
@@ -1071,7 +1041,7 @@ def cmd_agentic(args):
         items = load_samples(args.out, "agentic")
     else:
         if not args.model_name.strip():
-            raise InputError("--model-name must not be empty")
+            die("--model-name must not be empty")
         conds = select_conditions(sc, args.conditions)
         rendered = {c: render_condition(sc, c, args.model_name, args.scratchpad) for c in conds}
         write_jsonl(Path(args.out) / "prompts.jsonl", [{"condition": c, "prompt": r["messages"]}
@@ -1096,7 +1066,7 @@ def cmd_agentic(args):
 def openqa_grade(args, items: list[dict]):
     grader = open_grader(args)
     if grader is None:
-        raise InputError("openqa needs a grader: --grader-model (and --grader-base-url)")
+        die("openqa needs a grader: --grader-model (and --grader-base-url)")
     template = read_text(EVAL_DIR / "openqa_grader.txt", "grader prompt")
     rubric = read_text(args.rubric, "rubric")
     jobs = []
@@ -1157,7 +1127,7 @@ def cmd_openqa(args):
         questions = read_jsonl_file(args.questions, ("id", "topic", "question"), "questions")[:args.limit or None]
         read_text(args.rubric, "rubric")  # fail before loading a model
         if not args.grader_model:
-            raise InputError("openqa needs a grader: --grader-model (and --grader-base-url)")
+            die("openqa needs a grader: --grader-model (and --grader-base-url)")
         policy = open_policy(args)
         samples = args.samples or SUITE_DEFAULTS["openqa"][0]
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -1197,22 +1167,6 @@ def eval_name(args, suite: str, items: list[dict], old: dict) -> tuple:
     return "agentic" + ("_scratchpad" if args.scratchpad else ""), "agentic"
 
 
-def git_hash() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_config(args) -> dict:
-    import transformers
-    keys = {k: v for k, v in vars(args).items() if k != "func"}  # API keys are never in args, only env names
-    return {"args": keys, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                       "python": sys.version.split()[0]},
-            "git": git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
 def write_outputs(args, suite: str, items: list[dict], summary: dict, policy_info: dict):
     out = Path(args.out)
     old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -1223,11 +1177,11 @@ def write_outputs(args, suite: str, items: list[dict], summary: dict, policy_inf
               "policy": policy_info, "grader": args.grader_model,
               "sampling": {k: v for k, v in first.items() if k != "seed"} if first else None,
               "seed": old.get("seed", args.seed) if args.regrade else args.seed,
-              "git": git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "git": llm.git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     summary = {**header, "headlines": headlines(suite, summary, name, paper_key), **summary}
     write_jsonl(out / "samples.jsonl", items)
     write_json(out / "summary.json", summary)
-    write_json(out / ("config_regrade.json" if args.regrade else "config.json"), run_config(args))
+    write_json(out / ("config_regrade.json" if args.regrade else "config.json"), run_info(args))
     for h in summary["headlines"]:
         extra = f" (95% CI {h['ci95'][0]:.3f}-{h['ci95'][1]:.3f})" if h.get("ci95", [None])[0] is not None else \
             f" (SE {h['se']:.3f})" if h.get("se") is not None else ""
@@ -1267,13 +1221,13 @@ def load_run(path: str) -> dict:
     p = Path(path)
     f = p / "summary.json" if p.is_dir() else p
     if not f.is_file():
-        raise InputError(f"{path}: no summary.json (is it an evaluate.py run folder?)")
+        die(f"{path}: no summary.json (is it an evaluate.py run folder?)")
     try:
         s = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{f}: malformed JSON ({e.msg})") from None
+        die(f"{f}: malformed JSON ({e.msg})")
     if "headlines" not in s:
-        raise InputError(f"{f}: no headline figures (written by an older evaluate.py?)")
+        die(f"{f}: no headline figures (written by an older evaluate.py?)")
     return {**s, "_dir": str(f.parent)}
 
 
@@ -1388,7 +1342,7 @@ def cmd_report(args):
     runs = [load_run(p) for p in args.runs]
     labels = args.labels or [r.get("label") or SEED_SUFFIX_RE.sub("", Path(r["_dir"]).name) for r in runs]
     if len(labels) != len(runs):
-        raise InputError(f"--labels gives {len(labels)} labels for {len(runs)} runs")
+        die(f"--labels gives {len(labels)} labels for {len(runs)} runs")
     arms, cols, cells = aggregate(runs, labels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1505,23 +1459,19 @@ def parse_args(argv=None):
         args.grader_extra = json_arg(args.grader_extra_body, "--grader-extra-body")
         for name in ("samples", "batch_size", "max_tokens"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+                die(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        if args.suite == "report":
-            return cmd_report(args)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(args.seed)
-        run = {"values": cmd_values, "agentic": cmd_agentic, "openqa": cmd_openqa}[args.suite]
-        items, summary, policy_info = run(args)
-        return write_outputs(args, args.suite, items, summary, policy_info)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    args = parse_args(argv)  # bad input ends in llm.die: one `error:` line, exit 2
+    if args.suite == "report":
+        return cmd_report(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    run = {"values": cmd_values, "agentic": cmd_agentic, "openqa": cmd_openqa}[args.suite]
+    items, summary, policy_info = run(args)
+    return write_outputs(args, args.suite, items, summary, policy_info)
 
 
 if __name__ == "__main__":

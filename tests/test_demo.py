@@ -112,10 +112,10 @@ def test_scores_are_reused_only_for_the_same_pairs(tmp_path, monkeypatch):
 def test_training_precision_is_bf16_only_where_it_is_fast(monkeypatch):
     import torch
 
-    import evaluate
+    import midtrain
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for native, want in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(evaluate, "cpu_has_bf16", lambda native=native: native)
+        monkeypatch.setattr(midtrain, "cpu_has_bf16", lambda native=native: native)
         assert demo.resolve_recipe(demo.parse_args([]))[1]["dtype"] == want
     assert demo.resolve_recipe(demo.parse_args(["--dtype", "bf16"]))[1]["dtype"] == "bf16"
     assert "dtype" in demo.training_settings(demo.resolve_recipe(demo.parse_args([]))[1])  # part of recipe.json
