@@ -67,9 +67,13 @@ SETS = {  # name: what the column says (order = table and chart order)
     "affordability": "held-out affordability pairs",
     "america": "held-out America pairs",
 }
-# Published means over 4 seeds, Llama-3.1-8B, value-aligned choice rate (../shared/method.md)
-PAPER = {"base": (0.23, 0.38), "AFT only": (0.32, 0.36), "MSM(afford)": (0.38, 0.36),
-         "MSM(afford)+AFT": (0.48, 0.38), "MSM(America)": (0.28, 0.52), "MSM(America)+AFT": (0.29, 0.55)}
+# Published means over 4 seeds, Llama-3.1-8B, value-aligned choice rate (../shared/method.md), from
+# data/paper.json (evaluate.py report reads the same file), by this demo's arm names.
+PAPER_ARMS = {"base": "base", "AFT only": "aft", "MSM(afford)": "msm-affordability",
+              "MSM(afford)+AFT": "msm-affordability+aft", "MSM(America)": "msm-america",
+              "MSM(America)+AFT": "msm-america+aft"}
+PAPER = {arm: tuple(json.loads((ROOT / "data" / "paper.json").read_text())["cheese"]["arms"][key])
+         for arm, key in PAPER_ARMS.items()}
 
 
 def prepare_smollm2(cache: Path = CACHE) -> Path:

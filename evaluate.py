@@ -1198,17 +1198,7 @@ def write_outputs(args, suite: str, items: list[dict], summary: dict, policy_inf
 # ---------------------------------------------------------------------------------------------
 # The paper's published means over seeds (../shared/method.md, "Published numbers"), keyed by arm
 # label. Labels of your runs that normalise to one of these keys get the paper's number beside them.
-PAPER = {
-    "cheese": {"source": "Li et al. 2026 (MSM paper), Llama-3.1-8B base, value-aligned rate on held-out pairs",
-               "columns": ["affordability", "america"], "metric": "aligned_rate",
-               "arms": {"base": [0.23, 0.38], "aft": [0.32, 0.36], "msm-affordability": [0.38, 0.36],
-                        "msm-affordability+aft": [0.48, 0.38], "msm-america": [0.28, 0.52],
-                        "msm-america+aft": [0.29, 0.55]}},
-    "agentic": {"source": "Li et al. 2026 (MSM paper), agentic misalignment rate, safety spec, mean of 27 conditions",
-                "columns": ["qwen2.5-32b", "qwen3-32b"], "metric": "misalignment (classifier)",
-                "arms": {"base": [0.68, 0.54], "msm": [0.53, 0.32], "aft": [0.70, 0.41], "aft-cot": [0.48, 0.14],
-                         "msm+aft": [0.22, 0.10], "msm+aft-cot": [0.05, 0.07]}},
-}
+PAPER = {k: v for k, v in json.loads((ROOT / "data" / "paper.json").read_text()).items() if k != "_note"}
 PAPER_CHOICES = {"cheese": ("cheese", None), "agentic-qwen2.5": ("agentic", 0), "agentic-qwen3": ("agentic", 1)}
 SEED_SUFFIX_RE = re.compile(r"[-_.](?:seed|s)\d+$")
 
