@@ -127,18 +127,6 @@ def write_json(path: Path, obj):
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def json_arg(text: str | None, flag: str) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        die(f"{flag}: not valid JSON ({e.msg})")
-    if not isinstance(value, dict):
-        die(f"{flag}: expected a JSON object")
-    return value
-
-
 def strip_private(text: str) -> str:
     """The reply without <think> / <SCRATCHPAD_REASONING> blocks (an unclosed one runs to the end)."""
     return re.sub(r"<(think|SCRATCHPAD_REASONING)>.*?(?:</\1>|\Z)", "", text or "", flags=re.S | re.I)
@@ -1444,9 +1432,9 @@ def parse_args(argv=None):
                    "numbers beside arms labelled like them (default: none)")
     args = ap.parse_args(argv)
     if args.suite != "report":
-        args.template_kwargs = json_arg(args.chat_template_kwargs, "--chat-template-kwargs")
-        args.policy_extra = json_arg(args.policy_extra_body, "--policy-extra-body")
-        args.grader_extra = json_arg(args.grader_extra_body, "--grader-extra-body")
+        args.template_kwargs = llm.json_object(args.chat_template_kwargs, "--chat-template-kwargs")
+        args.policy_extra = llm.json_object(args.policy_extra_body, "--policy-extra-body")
+        args.grader_extra = llm.json_object(args.grader_extra_body, "--grader-extra-body")
         for name in ("samples", "batch_size", "max_tokens"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 die(f"--{name.replace('_', '-')} must be at least 1")

@@ -76,7 +76,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
     a("--lora-targets", default=LORA_TARGETS, help=f"comma-separated module names (default: {LORA_TARGETS})")
     a("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-      help="compute precision; bf16 keeps fp32 master weights; auto = bf16 on CUDA, fp32 on CPU (default: auto)")
+      help="compute precision; bf16 keeps fp32 master weights; auto = bf16 where bf16 matmuls are native "
+           "(CUDA, CPUs with avx512_bf16/amx), else fp32 (default: auto)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (default: off)")
     a("--compile", action="store_true",
       help="torch.compile each decoder layer: ~15%% faster steps after a compile of ~30 s per stage on CPU; "
@@ -96,12 +97,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     a("--model-name", default=None,
       help="value for {model_name} placeholders in the data; required if the data has them (default: none)")
     a("--provider-name", default=None, help="value for {provider_name} placeholders (default: none)")
+    a("--log-every", type=int, default=1, help="print a log line every N steps (default: 1)")
     a("--attn", default="auto",
       help="attention implementation passed to transformers (sdpa, eager, ...); auto = transformers' choice "
            "for the model: sdpa where it supports it, else eager (Gemma-2 refuses sdpa) (default: auto)")
     a("--peak-tflops", type=float, default=0.0,
       help="accelerator peak TFLOP/s for MFU; 0 = look up known GPUs, none on CPU (default: 0)")
-    a("--log-every", type=int, default=1, help="print a log line every N steps (default: 1)")
     a("--trust-remote-code", action="store_true", help="allow model code from the hub (default: off)")
 
 
@@ -164,21 +165,25 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def json_line(line: str, where: str) -> dict:
+    """One record of a JSON-lines file, or die naming the line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        die(f"{where}: malformed JSON ({e.msg})")
+    if not isinstance(rec, dict):
+        die(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def read_records(source: str):
     """Yield (where, record) from a JSON-lines file or a hub dataset ("NAME" or "NAME:SPLIT")."""
     path = Path(source)
     if path.exists():
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    die(f"{source}:{i}: malformed JSON ({e.msg})")
-                if not isinstance(rec, dict):
-                    die(f"{source}:{i}: expected a JSON object, got {type(rec).__name__}")
-                yield f"{source}:{i}", rec
+                if line.strip():
+                    yield f"{source}:{i}", json_line(line, f"{source}:{i}")
         return
     if path.suffix in (".jsonl", ".json") or "/" not in source or source.startswith((".", "/")):
         die(f"{source}: file not found")
