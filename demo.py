@@ -318,24 +318,42 @@ def eval_sets(recipe: dict) -> dict:
     return {k: [{f: v for f, v in p.items() if f != "_where"} for p in sets[k]] for k in SETS}
 
 
-def arm_file(arm: str) -> str:
-    return arm.replace("(", "_").replace(")", "").replace("+", "_").replace(" ", "_") + ".json"
+def arm_dir(arm: str) -> str:
+    return arm.replace("(", "_").replace(")", "").replace("+", "_").replace(" ", "_")
 
 
-def score_arm(model: Path, adapter: Path | None, sets: dict, cache: Path, stale: bool, desc: str) -> dict:
-    """Per-pair rows of one arm on every set; sets already scored on the same pairs are reused."""
-    import evaluate
+# The per-pair fields of evaluate.py's option scorer that the statistics below read.
+ROW_FIELDS = ("id", "domain", "value", "aligned", "p_aligned", "p_aligned_orders", "p_letter_a", "chosen")
 
-    have = json.loads(cache.read_text()) if cache.exists() and not stale else {}
-    todo = [k for k, pairs in sets.items() if [r["id"] for r in have.get(k, [])] != [p["id"] for p in pairs]]
-    if todo:
-        net, tok = evaluate.load_policy(str(model), str(adapter) if adapter else None)
-        for k in todo:
-            print(f"[eval] {desc} on {k}: {len(sets[k])} pairs x 2 option orders", flush=True)
-            have[k] = evaluate.score_pairs(net, tok, sets[k], answer="option")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(have))
-    return {k: have[k] for k in sets}
+
+def score_arm(model: Path, adapter: Path | None, sets: dict, folder: Path, stale: bool, desc: str) -> dict:
+    """Per-pair rows of one arm on every set, each set scored into folder/SET/ by the evaluate.py
+    command it prints; a set already scored on the same pairs is reused, unless the arm was
+    retrained (stale)."""
+    if stale and folder.exists():
+        shutil.rmtree(folder)
+    return {k: score_set(model, adapter, pairs, folder / k, f"{desc} on {k}") for k, pairs in sets.items()}
+
+
+def score_set(model: Path, adapter: Path | None, pairs: list[dict], out: Path, desc: str) -> list[dict]:
+    """evaluate.py values --scorer options on these pairs (written to OUT/pairs.jsonl, so the
+    command reruns alone), then its per-pair rows from OUT/samples.jsonl."""
+    samples = out / "samples.jsonl"
+    if not samples.is_file() or [r["id"] for r in read_rows(samples)] != [p["id"] for p in pairs]:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        cmd = [sys.executable, str(ROOT / "evaluate.py"), "values", "--model", str(model),
+               *(["--adapter", str(adapter)] if adapter else []), "--pairs", str(out / "pairs.jsonl"),
+               "--scorer", "options", "--out", str(out)]
+        print(f"[eval] {desc}: {len(pairs)} pairs x 2 option orders\n[eval] {shlex.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    return [{k: r.get(k) for k in ROW_FIELDS} for r in read_rows(samples)]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate_all(model: Path, adapters: dict, recipe: dict, out: Path, fresh: bool, trained: set) -> dict:
@@ -343,10 +361,10 @@ def evaluate_all(model: Path, adapters: dict, recipe: dict, out: Path, fresh: bo
     scorer (each option's text as the reply): SmolLM2-135M cannot answer with letters (its letter
     scores did not register even the preferences AFT had just trained)."""
     sets = eval_sets(recipe)
-    results = {"base": score_arm(model, None, sets, out / "eval" / "base.json", fresh, "base"), "seeds": {}}
+    results = {"base": score_arm(model, None, sets, out / "eval" / "base", fresh, "base"), "seeds": {}}
     for seed, arms in adapters.items():
         results["seeds"][seed] = {
-            arm: score_arm(model, path, sets, out / f"seed{seed}" / "eval" / arm_file(arm),
+            arm: score_arm(model, path, sets, out / f"seed{seed}" / "eval" / arm_dir(arm),
                            fresh or (seed, arm) in trained, f"{arm} seed {seed}")
             for arm, path in arms.items()}
     return results

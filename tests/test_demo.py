@@ -1,5 +1,6 @@
 """demo.py without the model: recipe and run-folder choices, fixed evaluation pairs, seed statistics, report."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,12 +96,18 @@ def test_scores_are_reused_only_for_the_same_pairs(tmp_path, monkeypatch):
     import evaluate
     sets = {k: v[:2] for k, v in demo.eval_sets(demo.RECIPES["quick"]).items()}
     calls = []
-    monkeypatch.setattr(evaluate, "load_policy", lambda model, adapter: (None, None))  # no model needed here
-    monkeypatch.setattr(evaluate, "score_pairs", lambda net, tok, pairs, **kw: calls.append(len(pairs)) or
-                        [{"id": p["id"], "p_aligned": 0.5} for p in pairs])
-    cache = tmp_path / "arm.json"
+
+    def fake_run(cmd, **kw):  # evaluate.py values, without the model: checks the flags, writes its rows
+        args = evaluate.parse_args(cmd[2:])
+        pairs = evaluate.load_pairs(args.pairs)
+        calls.append(len(pairs))
+        rows = [{"id": p["id"], "domain": p["domain"], "p_aligned": 0.5, "pair": p} for p in pairs]
+        (Path(args.out) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    cache = tmp_path / "arm"
     first = demo.score_arm("model", None, sets, cache, stale=False, desc="base")
     assert len(calls) == len(demo.SETS) and [r["id"] for r in first["cheese"]] == [p["id"] for p in sets["cheese"]]
+    assert first["cheese"][0]["p_aligned"] == 0.5 and "pair" not in first["cheese"][0]
     assert demo.score_arm("model", None, sets, cache, stale=False, desc="base") == first and len(calls) == 5
     sets["reasons"] = sets["reasons"][:1]  # other pairs for one set: only that set is scored again
     demo.score_arm("model", None, sets, cache, stale=False, desc="base")
