@@ -773,6 +773,72 @@ def evaluate_loss(model, val: Rows, args, d: Dist, autocast_dtype) -> float:
     return total / max(count, 1)
 
 
+def make_optimizer(args, params: list, total: int):
+    """AdamW (no weight decay on biases and norms) and its schedule: linear warm-up, then cosine
+    down to min-lr-ratio at the last step. -> (opt, sched, warm-up steps)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
+                            eps=1e-8, fused=True)  # one kernel for all tensors, on CPU too (3x faster there)
+    warmup = int(args.warmup) if args.warmup >= 1 else math.ceil(args.warmup * total)
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), warmup
+
+
+def resume_step(args, out: Path, model, opt, sched, meta: dict, d: Dist) -> int:
+    """The step to start from: 0, or the latest checkpoint's with --resume (same data and plan only)."""
+    if not args.resume:
+        return 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
+        return 0
+    saved = load_checkpoint(ckpt, model, opt, sched, d)
+    for key in ("plan", "data_rows", "data"):
+        if saved[key] != meta[key]:
+            die(f"{ckpt}: checkpoint has a different {key} ({saved[key]} vs {meta[key]}); "
+                "resume with the same data and batch settings")
+    print0(f"resumed from {ckpt} at step {saved['step']}")
+    return saved["step"]
+
+
+def start_run_folder(out: Path, config: dict, step: int, d: Dist) -> Path:
+    """Write config.json and keep metrics.jsonl only up to the step resumed from. -> metrics path."""
+    metrics_path = out / "metrics.jsonl"
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", json.dumps(config, indent=2))
+        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                if json.loads(ln).get("step", 0) <= step] if step else []
+        atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))  # drop steps after the checkpoint
+    return metrics_path
+
+
+def train_step(model, rows: Rows, args, d: Dist, params, opt, sched, autocast_dtype) -> dict:
+    """One optimizer step on rows: loss = summed token losses / the step's target count."""
+    n_targets = int((rows.targets != IGNORE).sum())
+    loss_sum = 0.0
+    for batch in micro_batches(rows, args.micro_batch, d):
+        loss = token_loss_sum(model, batch, d.device, autocast_dtype)
+        # FSDP averages gradients over ranks; scaling by world makes the result sum / global count.
+        (loss * d.world / max(n_targets, 1)).backward()
+        loss_sum += loss.item()
+    gnorm = clip_grad(params, args.grad_clip)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    (loss_sum,) = all_reduce_sum([loss_sum], d)
+    return {"loss": loss_sum / max(n_targets, 1), "lr": lr, "grad_norm": gnorm, "targets": n_targets}
+
+
 def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config: dict):
     """Train on packed rows, checkpoint, resume and export. Returns the list of per-step metrics."""
     from tqdm import tqdm
@@ -783,42 +849,11 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
     dtype = resolve_dtype(args, d)
     autocast_dtype = dtype if (dtype != torch.float32 and d.world == 1) else None  # FSDP casts itself
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
-                            eps=1e-8, fused=True)  # one kernel for all tensors, on CPU too (3x faster there)
-    warmup = int(args.warmup) if args.warmup >= 1 else math.ceil(args.warmup * total)
-
-    def lr_lambda(step):  # linear warm-up, then cosine down to min-lr-ratio at the last step
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched, warmup = make_optimizer(args, params, total)
     meta = {"plan": plan, "data_rows": len(data), "data": data_fingerprint(args.data)}
-    step = 0
-    if args.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
-        else:
-            saved = load_checkpoint(ckpt, model, opt, sched, d)
-            for key in ("plan", "data_rows", "data"):
-                if saved[key] != meta[key]:
-                    die(f"{ckpt}: checkpoint has a different {key} ({saved[key]} vs {meta[key]}); "
-                        "resume with the same data and batch settings")
-            step = saved["step"]
-            print0(f"resumed from {ckpt} at step {step}")
+    step = resume_step(args, out, model, opt, sched, meta, d)
     config = run_config(args, d, {"plan": plan, **extra_config})
-    metrics_path = out / "metrics.jsonl"
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", json.dumps(config, indent=2))
-        kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(ln).get("step", 0) <= step] if step else []
-        atomic_write(metrics_path, "".join(ln + "\n" for ln in kept))  # drop steps after the checkpoint
+    metrics_path = start_run_folder(out, config, step, d)
     print0(f"steps {total} (epoch = {plan['steps_per_epoch']} steps), rows/step {plan['rows_per_step']}, "
            f"grad accumulation {plan['accum']}, warm-up {warmup}, world {d.world}, dtype {dtype}")
 
@@ -837,24 +872,12 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
         while step < total:
             t0 = time.perf_counter()
             rows = step_rows(data, step, plan, args.seed)
-            n_targets = int((rows.targets != IGNORE).sum())
-            loss_sum = 0.0
-            for batch in micro_batches(rows, args.micro_batch, d):
-                loss = token_loss_sum(model, batch, d.device, autocast_dtype)
-                # FSDP averages gradients over ranks; scaling by world makes the result sum / global count.
-                (loss * d.world / max(n_targets, 1)).backward()
-                loss_sum += loss.item()
-            gnorm = clip_grad(params, args.grad_clip)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            r = train_step(model, rows, args, d, params, opt, sched, autocast_dtype)
             step += 1
-            (loss_sum,) = all_reduce_sum([loss_sum], d)
             dt = time.perf_counter() - t0
             tokens = int(rows.n_real.sum())
-            rec = {"step": step, "loss": loss_sum / max(n_targets, 1), "lr": lr, "grad_norm": gnorm,
-                   "tokens": tokens, "targets": n_targets, "step_time": dt, "tokens_per_s": tokens / dt,
+            rec = {"step": step, "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
+                   "tokens": tokens, "targets": r["targets"], "step_time": dt, "tokens_per_s": tokens / dt,
                    "mfu": flops_per_token * tokens / dt / (peak * d.world) if peak else None,
                    "peak_mem_gb": peak_memory_gb(d)}
             if val is not None and len(val) and (step % eval_every == 0 or step == total):
