@@ -293,7 +293,9 @@ def test_api_key_is_used_but_never_written(tmp_path, spec_file, monkeypatch):
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, spec_file):
     out = tmp_path / "o"
-    with server(latency=0.1) as srv:
+    # 0.5 s per reply: the 48 documents take ~6 s at concurrency 4, so Ctrl-C lands mid-run even
+    # when a loaded machine wakes this test late (at 0.1 s the run once finished first: exit 0)
+    with server(latency=0.5) as srv:
         proc = start_subprocess(docs_args(spec_file, out, srv.url, "--concurrency", "4"))
         wait_for_cached(out, "documents", 4)
         proc.send_signal(signal.SIGINT)
