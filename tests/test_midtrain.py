@@ -209,6 +209,17 @@ def tiny_arch(tiny_model, tmp_path, arch):
     return tiny_model if arch == "llama" else build_tiny_model(str(tmp_path / arch), arch=arch)
 
 
+def plain_and_chunked(model, rows, autocast):
+    """(loss, {name: grad}) of the plain loss, then of the chunked one, on the same rows."""
+    got = []
+    for chunked in (False, True):
+        model.zero_grad()
+        loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), autocast, chunked=chunked)
+        loss.backward()
+        got.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return got
+
+
 @pytest.mark.parametrize("arch,lora", [("llama", False), ("llama", True), ("gemma2", False), ("cohere", False)])
 def test_chunked_cross_entropy_equals_plain(tiny_model, tmp_path, monkeypatch, arch, lora):
     """The loss computed chunk by chunk in the output layer (grads formed in forward) gives the loss
@@ -230,13 +241,7 @@ def test_chunked_cross_entropy_equals_plain(tiny_model, tmp_path, monkeypatch, a
     y = x.clone()
     y[0, :5] = midtrain.IGNORE
     rows = midtrain.Rows(x.int(), y.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))
-    got = {}
-    for chunked in (False, True):
-        model.zero_grad()
-        loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), None, chunked=chunked)
-        loss.backward()
-        got[chunked] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (plain, g_plain), (chunk, g_chunk) = got[False], got[True]
+    (plain, g_plain), (chunk, g_chunk) = plain_and_chunked(model, rows, None)
     assert chunk == pytest.approx(plain, rel=1e-6) and g_plain.keys() == g_chunk.keys()
     assert all(torch.allclose(g_plain[k], g_chunk[k], rtol=1e-4, atol=1e-5) for k in g_plain)
     assert type(model.get_output_embeddings()).forward is model.get_output_embeddings().forward.__func__
@@ -276,13 +281,8 @@ def test_chunked_cross_entropy_in_bf16(tiny_model, weights):
     y = x.clone()
     y[1, :9] = midtrain.IGNORE
     rows = midtrain.Rows(x.int(), y.int(), torch.arange(T).repeat(2, 1).int(), torch.full((2,), T))
-    got = {}
-    for chunked in (False, True):
-        model.zero_grad()
-        loss = midtrain.token_loss_sum(model, rows, torch.device("cpu"), torch.bfloat16, chunked=chunked)
-        loss.backward()
-        got[chunked] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    (plain, g_plain), (chunk, g_chunk) = got[False], got[True]
+    (plain, g_plain), (chunk, g_chunk) = plain_and_chunked(model, rows, torch.bfloat16)
+    g_plain, g_chunk = (torch.cat([g.flatten() for g in grads.values()]) for grads in (g_plain, g_chunk))
     assert torch.isfinite(g_chunk).all() and g_chunk.dtype == torch.float32
     assert chunk == pytest.approx(plain, rel=1e-2)
     assert (g_chunk - g_plain).norm() / g_plain.norm() < 2e-2
