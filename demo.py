@@ -373,33 +373,29 @@ def evaluate_all(model: Path, adapters: dict, recipe: dict, out: Path, fresh: bo
 # ---------------------------------------------------------------------------------------------
 # Statistics, table, chart
 # ---------------------------------------------------------------------------------------------
-def mean_se(xs: list[float]) -> tuple[float, float | None]:
-    """Mean and its standard error (None for a single value)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, None
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
-
-
 def paired_delta(rows: list[dict], base: list[dict]) -> tuple[float, float | None]:
     """Mean change of p(aligned) from the base model on the same pairs, and its standard error over pairs."""
+    import evaluate
+
     if [r["id"] for r in rows] != [b["id"] for b in base]:
         raise ValueError("paired_delta: the arm and the base were scored on different pairs")
-    return mean_se([r["p_aligned"] - b["p_aligned"] for r, b in zip(rows, base)])
+    return evaluate.mean_se([r["p_aligned"] - b["p_aligned"] for r, b in zip(rows, base)])
 
 
 def seed_stats(results: dict) -> dict:
     """Per arm and set: each seed's paired change vs base (with its within-pair SE), their mean and
     the standard error across seeds (the headline: it includes training-seed variation)."""
+    import evaluate
+
     stats = {}
     for arm in ARMS[1:]:
         stats[arm] = {}
         for k, base in results["base"].items():
             per_seed = [paired_delta(results["seeds"][s][arm][k], base) for s in sorted(results["seeds"])]
             changes = [m for m, _ in per_seed]
-            m, se = mean_se(changes)
-            p_mean, _ = mean_se([sum(r["p_aligned"] for r in results["seeds"][s][arm][k]) / len(base)
-                                 for s in sorted(results["seeds"])])
+            m, se = evaluate.mean_se(changes)
+            p_mean, _ = evaluate.mean_se([sum(r["p_aligned"] for r in results["seeds"][s][arm][k]) / len(base)
+                                          for s in sorted(results["seeds"])])
             stats[arm][k] = {"change_mean": m, "change_se_across_seeds": se, "changes": changes,
                              "change_se_within_pairs": [se_ for _, se_ in per_seed], "p_aligned_mean": p_mean}
     return stats
