@@ -48,7 +48,8 @@ import torch
 from tqdm import tqdm
 
 import llm  # the one OpenAI-compatible client engine of the project (policy and grader calls)
-from llm import InputError, die, run_info, write_jsonl  # noqa: F401 (InputError: what callers catch)
+import common
+from common import InputError, die, run_info, write_jsonl  # noqa: F401 (InputError: what callers catch)
 from midtrain import atomic_write, check_model_path, pick_dtype, read_records
 
 ROOT = Path(__file__).resolve().parent
@@ -63,8 +64,8 @@ SUITE_DEFAULTS = {  # suite -> (samples, temperature, max_tokens) when the flag 
 # Small helpers: templates, statistics, files
 # ---------------------------------------------------------------------------------------------
 def fill(template: str, values: dict, where: str) -> str:
-    """{{name}} placeholders of the eval data files, through the project's one filler (llm.fill)."""
-    return llm.fill(template, where, double=True, **values)
+    """{{name}} placeholders of the eval data files, through the project's one filler (common.fill)."""
+    return common.fill(template, where, double=True, **values)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> list:
@@ -1165,7 +1166,7 @@ def write_outputs(args, suite: str, items: list[dict], summary: dict, policy_inf
               "policy": policy_info, "grader": args.grader_model,
               "sampling": {k: v for k, v in first.items() if k != "seed"} if first else None,
               "seed": old.get("seed", args.seed) if args.regrade else args.seed,
-              "git": llm.git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "git": common.git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     summary = {**header, "headlines": headlines(suite, summary, name, paper_key), **summary}
     write_jsonl(out / "samples.jsonl", items)
     write_json(out / "summary.json", summary)
@@ -1432,9 +1433,9 @@ def parse_args(argv=None):
                    "numbers beside arms labelled like them (default: none)")
     args = ap.parse_args(argv)
     if args.suite != "report":
-        args.template_kwargs = llm.json_object(args.chat_template_kwargs, "--chat-template-kwargs")
-        args.policy_extra = llm.json_object(args.policy_extra_body, "--policy-extra-body")
-        args.grader_extra = llm.json_object(args.grader_extra_body, "--grader-extra-body")
+        args.template_kwargs = common.json_object(args.chat_template_kwargs, "--chat-template-kwargs")
+        args.policy_extra = common.json_object(args.policy_extra_body, "--policy-extra-body")
+        args.grader_extra = common.json_object(args.grader_extra_body, "--grader-extra-body")
         for name in ("samples", "batch_size", "max_tokens"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 die(f"--{name.replace('_', '-')} must be at least 1")
@@ -1442,7 +1443,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)  # bad input ends in llm.die: one `error:` line, exit 2
+    args = parse_args(argv)  # bad input ends in common.die: one `error:` line, exit 2
     if args.suite == "report":
         return cmd_report(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

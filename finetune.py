@@ -23,7 +23,7 @@ import re
 import torch
 
 import midtrain
-from llm import InputError, die, fill
+from common import InputError, die, fill
 from midtrain import IGNORE, Rows, print0
 
 ROLES = {"system", "user", "assistant"}

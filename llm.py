@@ -20,12 +20,13 @@ Ctrl-C loses only the requests in flight, and rerunning the same command resumes
       to failed_path. Memory holds the requests in flight and one cache offset per id, not the
       replies (validate must be pure: it runs again on each read).
 
-Also here: reply checks (check_finished, parse_json, json_list, named_list), files (open_append,
-write_jsonl), flags spelled the same in every script (add_endpoint_args, add_client_args,
-add_batch_args), and the run plumbing every stage shares (die, fill, sampling_for, run_info).
+Also here: request bodies (sampling_for), reply checks (check_finished, parse_json, json_list,
+named_list) and the flags spelled the same in every script that calls an endpoint
+(add_endpoint_args, add_client_args, add_batch_args). The run plumbing every stage shares (die,
+fill, run_info, write_jsonl) is in common.py.
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
-the async pool -> the cache and run_requests -> batch files -> reply checks -> flags -> plumbing.
+the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
 """
 
 import asyncio
@@ -47,6 +48,8 @@ import httpx2  # the HTTP library under the pinned openai SDK (3.x)
 import openai
 from tqdm import tqdm
 
+from common import die
+
 
 def sha256_hex(data):
     return hashlib.sha256(data if isinstance(data, bytes) else data.encode("utf-8")).hexdigest()
@@ -62,6 +65,14 @@ def make_request(stage, model, messages, sampling, index=0):
     return {"custom_id": f"{stage}-{sha256_hex(key)[:24]}", "method": "POST",
             "url": "/v1/chat/completions",
             "body": {"model": model, "messages": messages, **sampling}}
+
+
+def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):
+    """A request's sampling settings: part of its body, hence of its id. token_field is
+    max_completion_tokens for reasoning models that refuse max_tokens; extra_body (server
+    options) wins over the rest; more: e.g. seed. Used by synth.py (per stage) and evaluate.py
+    (per suite, for the policy endpoint and local generation)."""
+    return {"temperature": temperature, token_field: max_tokens, **more, **(extra_body or {})}
 
 
 def open_endpoint(base_url, model, api_key_env="OPENAI_API_KEY", timeout=600.0, check_model=True,
@@ -531,16 +542,6 @@ def named_list(result):
     return json_list(result, ("name", "description"))
 
 
-def write_jsonl(path, rows):
-    """Write a whole output file atomically (a kill never leaves a half-written output)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # Command-line flags, spelled the same in every script that calls an endpoint
 
@@ -601,107 +602,3 @@ def add_batch_args(parser):
          "to 50,000 (default 50000)", {"type": int, "default": 50_000}),
         ("--batch-results", "ingest OpenAI Batch API / vllm run-batch output files into the "
          "cache before running (default: none)", {"nargs": "+", "metavar": "FILE"})])
-
-
-# -----------------------------------------------------------------------------
-# Run plumbing shared by every stage script (synth.py, midtrain.py, finetune.py, evaluate.py)
-
-class InputError(SystemExit):
-    """Bad input, raised by die(): exits with status 2 when nothing catches it (a SystemExit, so
-    no `except Exception` swallows it); str() is the message."""
-
-    def __init__(self, msg):
-        super().__init__(2)
-        self.msg = msg
-
-    def __str__(self):
-        return self.msg
-
-
-def die(msg):
-    """The project's one error style for bad input: prints "error: MSG" (one line that names the
-    input: a file, a flag, a record) and exits 2. Used by every stage and by the probe above."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise InputError(msg)
-
-
-PLACEHOLDER = {False: re.compile(r"\{(\w+)\}"), True: re.compile(r"\{\{\s*(\w+)\s*\}\}")}
-
-
-def fill(template, where="template", double=False, **values):
-    """Fill the placeholders {name} (double=True: {{name}}) whose name is in values, in one pass:
-    inserted text is never scanned again (a spec or a model reply may hold braces). Other braces
-    stay as they are (JSON examples in prompts, code in documents).
-
-    Errors name `where`: a value of None means a flag that was not given, so a placeholder whose
-    value is None ends the run naming that flag (midtrain: {model_name} in a corpus without
-    --model-name); with double=True, a syntax nothing else uses, a placeholder with no value at
-    all is an error too (evaluate's data files). Used by synth.py (prompts, the spec, criteria,
-    templates), midtrain.py (corpus texts) and evaluate.py (eval prompts)."""
-    unset, unknown = set(), set()
-
-    def one(m):
-        if m[1] not in values:
-            unknown.add(m[0])
-            return m[0]
-        if values[m[1]] is None:
-            unset.add(m[1])
-            return m[0]
-        return str(values[m[1]])
-    out = PLACEHOLDER[double].sub(one, template)
-    if unset:
-        die(f"{where}: text contains {{{min(unset)}}}; pass --{min(unset).replace('_', '-')}")
-    if double and unknown:
-        die(f"{where}: no value for placeholder(s) {', '.join(sorted(unknown))}")
-    return out
-
-
-def json_object(text, flag):
-    """A flag's JSON object (None or "" -> {}), or die naming the flag. Used by synth.py
-    (--extra-body) and evaluate.py (--*-extra-body, --chat-template-kwargs)."""
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        die(f"{flag}: not valid JSON ({exc.msg})")
-    if not isinstance(value, dict):
-        die(f"{flag}: expected a JSON object, got {text!r}")
-    return value
-
-
-def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):
-    """A request's sampling settings: part of its body, hence of its id. token_field is
-    max_completion_tokens for reasoning models that refuse max_tokens; extra_body (server
-    options) wins over the rest; more: e.g. seed. Used by synth.py (per stage) and evaluate.py
-    (per suite, for the policy endpoint and local generation)."""
-    return {"temperature": temperature, token_field: max_tokens, **more, **(extra_body or {})}
-
-
-def git_hash(root=None):
-    """The checkout's commit, or None outside a git checkout."""
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).parent,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-# Versions worth knowing to rerun a run: the pinned packages that shape its outputs.
-RUN_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "datasets", "openai", "datasketch")
-
-
-def run_info(args, **extra):
-    """What a run folder records about how it was made: the flags (API keys are never flags, only
-    the names of their variables), the command line, the package versions, the git commit, the
-    python version and the time; extra adds a stage's own facts. Every stage writes it: synth.py
-    as OUT/run.json, midtrain.py and finetune.py in each checkpoint, evaluate.py as config.json."""
-    from importlib import metadata
-    versions = {"python": sys.version.split()[0]}
-    for name in RUN_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"args": {k: v for k, v in vars(args).items() if not callable(v)}, "argv": sys.argv,
-            "versions": versions, "git": git_hash(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **extra}

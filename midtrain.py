@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llm import die, fill, run_info
+from common import die, fill, run_info
 
 IGNORE = -100  # target value that carries no loss
 CE_CHUNK = 1024  # rows of logits formed at a time by the chunked cross-entropy
@@ -939,7 +939,7 @@ def check_out(args):
 def main(argv=None):
     args = parse_args(argv)
     d = setup_distributed()
-    # bad input ends here, as one `error:` line and exit 2 (llm.die), before the model loads
+    # bad input ends here, as one `error:` line and exit 2 (common.die), before the model loads
     config = check_model(args)
     check_out(args)
     docs = load_documents(args)

@@ -41,13 +41,15 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import common
 import llm
-from llm import (check_finished, die, fill, ingest_batch_results, json_list, make_request,
-                 named_list, open_endpoint, parse_json, run_requests, sha256_hex, write_jsonl)
+from common import die, fill, write_jsonl
+from llm import (check_finished, ingest_batch_results, json_list, make_request, named_list,
+                 open_endpoint, parse_json, run_requests, sha256_hex)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
-# word lists; edit or fork them freely. Placeholders are {name}, filled by llm.fill(); any other
+# word lists; edit or fork them freely. Placeholders are {name}, filled by common.fill(); any other
 # braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted((ROOT / "prompts").glob("*.txt"))}
 
@@ -1260,7 +1262,7 @@ def check_args(args):
         die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
             "the model to be trained)")
     args.max_tokens = parse_max_tokens(args.max_tokens)
-    args.extra_body = llm.json_object(args.extra_body, "--extra-body")
+    args.extra_body = common.json_object(args.extra_body, "--extra-body")
     return args
 
 
@@ -1323,7 +1325,7 @@ def main(argv=None):
                           stages={}, count_tokens=token_counter(args), doc_flags={}, names=names,
                           framing=getattr(args, "framing", None) or (
                               spec_framing(args.spec) if spec else None))
-    (out / "run.json").write_text(json.dumps(llm.run_info(args), indent=1, ensure_ascii=False))
+    (out / "run.json").write_text(json.dumps(common.run_info(args), indent=1, ensure_ascii=False))
     (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
     if args.batch_results:
         counts = ingest_batch_results(args.batch_results, out / "cache")
