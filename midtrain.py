@@ -857,8 +857,7 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
     print0(f"steps {total} (epoch = {plan['steps_per_epoch']} steps), rows/step {plan['rows_per_step']}, "
            f"grad accumulation {plan['accum']}, warm-up {warmup}, world {d.world}, dtype {dtype}")
 
-    flops_per_token = (6 if args.lora_rank == 0 and not hasattr(model, "peft_config") else 4) * matmul_params(model)
-    flops_per_token += 12 * model.config.num_hidden_layers * model.config.hidden_size * args.seq_len
+    flops = flops_per_token(model, args)
     peak = peak_flops(args, d)
     eval_every = args.eval_every or max(1, total // 10)
     history, started = [], step
@@ -878,18 +877,13 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
             tokens = int(rows.n_real.sum())
             rec = {"step": step, "loss": r["loss"], "lr": r["lr"], "grad_norm": r["grad_norm"],
                    "tokens": tokens, "targets": r["targets"], "step_time": dt, "tokens_per_s": tokens / dt,
-                   "mfu": flops_per_token * tokens / dt / (peak * d.world) if peak else None,
+                   "mfu": flops * tokens / dt / (peak * d.world) if peak else None,
                    "peak_mem_gb": peak_memory_gb(d)}
             if val is not None and len(val) and (step % eval_every == 0 or step == total):
                 rec["val_loss"] = evaluate_loss(model, val, args, d, autocast_dtype)
             history.append(rec)
             if d.rank == 0:
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if step % args.log_every == 0 or step == total:
-                    bar.write(format_log(rec, total))
+                log_step(rec, mf, bar, args.log_every, total)
             stop_now = args.stop_after_steps > 0 and step - started >= args.stop_after_steps
             if step == total or stop_now or (args.save_every > 0 and step % args.save_every == 0):
                 save_checkpoint(out, model, opt, sched, step, meta, d, args.keep_checkpoints)
@@ -898,6 +892,29 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
                 bar.close()
                 return history
     bar.close()
+    finish(args, model, tok, out, d, config)
+    return history
+
+
+def flops_per_token(model, args) -> float:
+    """Training FLOPs per token for MFU: 6 x matmul weights for full training, 4x with LoRA (the
+    frozen weights get no gradient), plus attention's 12 x layers x width x sequence."""
+    n = (6 if args.lora_rank == 0 and not hasattr(model, "peft_config") else 4) * matmul_params(model)
+    return n + 12 * model.config.num_hidden_layers * model.config.hidden_size * args.seq_len
+
+
+def log_step(rec: dict, mf, bar, log_every: int, total: int):
+    """Rank 0: the step's JSON line (flushed, so a kill loses nothing), the bar, a log line."""
+    mf.write(json.dumps(rec) + "\n")
+    mf.flush()
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    if rec["step"] % log_every == 0 or rec["step"] == total:
+        bar.write(format_log(rec, total))
+
+
+def finish(args, model, tok, out: Path, d: Dist, config: dict):
+    """The final export (every rank enters the gather), then the optional merged copy."""
     export_final(model, tok, out, d, config)
     if args.merge and d.rank == 0:
         if hasattr(model, "peft_config"):
@@ -906,7 +923,6 @@ def train(args, model, tok, data: Rows, val: Rows | None, d: Dist, extra_config:
             print0("--merge: full fine-tuning already exported a full model in final/")
     barrier(d)
     print0(f"done: {out / 'final'}")
-    return history
 
 
 def clip_grad(params, max_norm: float) -> float:
