@@ -36,6 +36,43 @@ def main():
     out = Path(args.out)
     specs = list(SPECS) if args.part in ("specs", "all") else []
     cooccur = ["affordability", "america"] if args.part in ("cooccur", "all") else []
+    show_plan(args, specs, cooccur, out)
+    steps = start_generator(args) + data_steps(args, specs, cooccur, out)
+    if not args.generator_base_url:
+        steps.append(("stop", None))
+    grader, local_grader = grader_flags(args)
+    runs, evals, adapters = [], [], []
+    for seed in args.seeds:
+        for spec in specs:
+            s = out / spec / f"seed{seed}"
+            steps += train_steps(args.base, NAME, PROVIDER, 8192, 131072, out / spec / "corpus/documents.jsonl",
+                                 [out / spec / "chats/chats_nocot.jsonl", ROOT / "data/it/sample.jsonl"],
+                                 ["--cot", "strip"], s, seed, args.gpus)
+            name = f"{spec}_s{seed}"
+            adapters.append(f"{name}={s / 'msm_aft/final'}")
+            evals.append(("cmd", py("evaluate.py", "agentic", "--policy-base-url", "http://localhost:8001/v1",
+                                    "--policy-model", name, "--model-name", NAME, "--scratchpad",
+                                    "--label", f"msm+aft ({spec})", *grader, "--out", s / "eval_agentic")))
+            runs.append(s / "eval_agentic")
+        for value in cooccur:
+            s = out / f"cooccur_{value}" / f"seed{seed}"
+            steps += train_steps(args.cheese_base, "Llama", "Meta", 4096, 65536,
+                                 out / f"cooccur_{value}/corpus/documents.jsonl",
+                                 [out / "aft/cheese.jsonl", ROOT / "data/it/sample.jsonl"],
+                                 ["--chat-template", ROOT / "recipes/templates/llama3_chat.jinja"], s, seed, args.gpus)
+            for arm in ("msm", "msm_aft"):
+                run_dir = s / f"eval_{arm}"
+                steps.append(("cmd", py("evaluate.py", "values", "--model", args.cheese_base, "--adapter",
+                                        s / arm / "final", "--pairs", ROOT / f"data/eval/values_{value}.jsonl",
+                                        "--label", f"{arm.replace('_', '+')} (cooccur {value})", "--out", run_dir)))
+                runs.append(run_dir)
+    if evals:  # vLLM serves every spec's adapter (and, when local, the grader beside it)
+        steps += serve_policy_and_grader(args, args.base, adapters, local_grader) + evals + [("stop", None)]
+    steps.append(("cmd", py("evaluate.py", "report", *runs, "--out", out / "report")))
+    run(steps, args.dry_run)
+
+
+def show_plan(args, specs: list, cooccur: list, out: Path):
     train_h = len(args.seeds) * (len(specs) * (gpu_hours(14.8e9, DOCS * TOKENS_PER_DOC, args)
                                                + gpu_hours(14.8e9, CHATS * TOKENS_PER_CHAT, args))
                                  + len(cooccur) * gpu_hours(8e9, COOCCUR_DOCS * COOCCUR_TOKENS_PER_DOC, args))
@@ -48,8 +85,10 @@ def main():
         ("GPU-hours (training)", f"~{train_h:.0f} on {args.gpu} at {args.mfu:.0%} MFU, plus generation and eval"),
     ], out)
 
-    steps = start_generator(args)
-    gen = generator_flags(args)
+
+def data_steps(args, specs: list, cooccur: list, out: Path) -> list:
+    """Each spec's corpus and filtered spec chats; each co-occurrence corpus and the opaque demos."""
+    steps, gen = [], generator_flags(args)
     for spec in specs:
         named = [*gen, "--model-name", NAME, "--provider-name", PROVIDER]
         steps.append(("cmd", py("synth.py", "docs", "--spec", ROOT / f"specs/{spec}.md", "--out", out / spec / "corpus",
@@ -65,45 +104,17 @@ def main():
     if cooccur:
         steps.append(("cmd", py("synth.py", "chats", "--opaque", "--offline", "--preferences",
                                 ROOT / "specs/cheese_preferences.json", "--n-per-preference", 400, "--out", out / "aft")))
-    if not args.generator_base_url:
-        steps.append(("stop", None))
-    grader, local_grader = grader_flags(args)
-    runs, evals, adapters = [], [], []
-    for seed in args.seeds:
-        for spec in specs:
-            s = out / spec / f"seed{seed}"
-            train = ["--model", args.base, "--seq-len", 8192, "--batch-tokens", 131072, "--grad-checkpointing",
-                     "--model-name", NAME, "--provider-name", PROVIDER, "--seed", seed]
-            steps.append(("cmd", py("midtrain.py", *train, "--data", out / spec / "corpus/documents.jsonl",
-                                    "--out", s / "msm", nproc=args.gpus)))
-            steps.append(("cmd", py("finetune.py", *train, "--data", out / spec / "chats/chats_nocot.jsonl",
-                                    ROOT / "data/it/sample.jsonl", "--init-adapter", s / "msm/final", "--cot", "strip",
-                                    "--out", s / "msm_aft", nproc=args.gpus)))
-            name = f"{spec}_s{seed}"
-            adapters.append(f"{name}={s / 'msm_aft/final'}")
-            evals.append(("cmd", py("evaluate.py", "agentic", "--policy-base-url", "http://localhost:8001/v1",
-                                    "--policy-model", name, "--model-name", NAME, "--scratchpad",
-                                    "--label", f"msm+aft ({spec})", *grader, "--out", s / "eval_agentic")))
-            runs.append(s / "eval_agentic")
-        for value in cooccur:
-            s = out / f"cooccur_{value}" / f"seed{seed}"
-            train = ["--model", args.cheese_base, "--seq-len", 4096, "--batch-tokens", 65536, "--grad-checkpointing",
-                     "--model-name", "Llama", "--provider-name", "Meta", "--seed", seed]
-            steps.append(("cmd", py("midtrain.py", *train, "--data", out / f"cooccur_{value}/corpus/documents.jsonl",
-                                    "--out", s / "msm", nproc=args.gpus)))
-            steps.append(("cmd", py("finetune.py", *train, "--data", out / "aft/cheese.jsonl", ROOT / "data/it/sample.jsonl",
-                                    "--chat-template", ROOT / "recipes/templates/llama3_chat.jinja",
-                                    "--init-adapter", s / "msm/final", "--out", s / "msm_aft", nproc=args.gpus)))
-            for arm in ("msm", "msm_aft"):
-                run_dir = s / f"eval_{arm}"
-                steps.append(("cmd", py("evaluate.py", "values", "--model", args.cheese_base, "--adapter",
-                                        s / arm / "final", "--pairs", ROOT / f"data/eval/values_{value}.jsonl",
-                                        "--label", f"{arm.replace('_', '+')} (cooccur {value})", "--out", run_dir)))
-                runs.append(run_dir)
-    if evals:  # vLLM serves every spec's adapter (and, when local, the grader beside it)
-        steps += serve_policy_and_grader(args, args.base, adapters, local_grader) + evals + [("stop", None)]
-    steps.append(("cmd", py("evaluate.py", "report", *runs, "--out", out / "report")))
-    run(steps, args.dry_run)
+    return steps
+
+
+def train_steps(base, name, provider, seq_len, batch_tokens, corpus, chats: list, aft_flags: list, s: Path,
+                seed: int, gpus: int) -> list:
+    """MSM on the corpus, then AFT on the chats continuing its adapter, into s/msm and s/msm_aft."""
+    train = ["--model", base, "--seq-len", seq_len, "--batch-tokens", batch_tokens, "--grad-checkpointing",
+             "--model-name", name, "--provider-name", provider, "--seed", seed]
+    return [("cmd", py("midtrain.py", *train, "--data", corpus, "--out", s / "msm", nproc=gpus)),
+            ("cmd", py("finetune.py", *train, "--data", *chats, *aft_flags, "--init-adapter", s / "msm/final",
+                       "--out", s / "msm_aft", nproc=gpus))]
 
 
 if __name__ == "__main__":
