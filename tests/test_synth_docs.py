@@ -10,6 +10,7 @@ import pytest
 
 import fake_openai
 import synth
+import synthlib
 from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
                            server, spec_file, start_subprocess, wait_for_cached)
 
@@ -602,7 +603,7 @@ def test_template_placeholders_are_caught(text):
 def test_fit_budget_swaps_in_longer_documents_when_each_is_over_one_percent():
     docs = [{"id": f"a{i:02d}", "tokens": 1000} for i in range(12)] + [
         {"id": f"b{i:02d}", "tokens": 1050} for i in range(12)]
-    kept, rest = synth.fit_budget(docs, 10_400)  # in id order: ten of 1000 = 10,000, under 99%
+    kept, rest = synthlib.fit_budget(docs, 10_400)  # in id order: ten of 1000 = 10,000, under 99%
     total = sum(d["tokens"] for d in kept)
     assert 0.99 * 10_400 <= total <= 10_400 and len(kept) + len(rest) == 24
     assert [d["id"] for d in kept] == [d["id"] for d in docs if d in kept]  # original order
@@ -624,14 +625,14 @@ def test_document_prompts_are_made_lazily_and_documents_streamed(tmp_path, spec_
         if stage == "documents":
             seen_at_call.append(built[0])
         return base(stage, body, n)
-    close = synth.Corpus.close
+    close = synthlib.Corpus.close
 
     def spying_close(self):
         self.file("documents").flush()
         written_at_close.append(len(read_jsonl(self.out / "documents.jsonl.partial")))
         assert all("text" not in d for d in self.kept)  # figures only, never the texts
         close(self)
-    monkeypatch.setattr(synth.Corpus, "close", spying_close)
+    monkeypatch.setattr(synthlib.Corpus, "close", spying_close)
     with server(responder) as srv:
         code, _, err = run_main(docs_args(spec_file, tmp_path / "o", srv.url, "--concurrency", "4"))
     assert code == 0, err

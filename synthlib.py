@@ -1,0 +1,306 @@
+"""
+synthlib.py: the machinery synth.py's stages run on, kept apart so that synth.py reads as the method.
+
+Nothing here decides what the data says (that is synth.py and the prompts in prompts/); this is how
+a stage is asked and how its output is kept and counted. Only synth.py imports it (and the tests).
+
+  asking a stage    send (requests through llm.run_requests, counted per stage for summary.json),
+                    ask (a list of prompts -> replies in the same order), collect (top-up rounds:
+                    ask each group again, with a do-not-repeat list, until it has enough items)
+  duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
+  the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
+                    fit_budget (whole documents within 1% of --target-tokens), corpus_stats
+  the summary       finish: summary.json, the closing messages and the exit status
+
+`run` is the SimpleNamespace synth.main builds: args, out (the output folder), ep (the endpoint
+from llm.open_endpoint), stages (per-stage counts), notes and shortfall (for the summary).
+"""
+
+import bisect
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+
+from common import write_jsonl
+from llm import make_request, run_requests, sampling_for, sha256_hex
+
+
+# -----------------------------------------------------------------------------
+# Asking a stage: requests through llm.py, and top-up rounds
+
+STAGE_COUNTS = ("calls", "cached", "retries", "invalid", "errors", "failed", "tokens_in",
+                "tokens_out")
+
+
+def stage_sampling(a, stage):
+    return sampling_for(a.temperature, a.max_tokens[stage], a.token_field, a.extra_body)
+
+
+def send(run, stage, requests, validate, desc=None, total=None):
+    """requests (any iterable: a generator is drawn as workers free up) through llm.run_requests
+    -> its Results; the stage's figures are added to summary.json's `stages`."""
+    a, stats = run.args, run.ep["stats"]
+    before = Counter(stats)
+    res = run_requests(run.ep, requests, run.out / "cache" / f"{stage}.jsonl", desc or stage,
+                       validate, a.concurrency, a.max_retries, run.out / "failed.jsonl", total)
+    counts = run.stages.setdefault(stage, Counter())
+    for k in STAGE_COUNTS:
+        counts[k] += stats[k] - before[k]
+    # each distinct request ends cached, answered or failed
+    counts["requests"] += sum(stats[k] - before[k] for k in ("cached", "ok", "failed"))
+    return res
+
+
+def ask(run, stage, prompts, validate, index=0, desc=None):
+    """prompts: list of message lists -> list of results (None where the request failed).
+    validate and index: one for every prompt, or a list with one per prompt (a reply checked
+    against its own group; several samples of one prompt need different indexes)."""
+    a = run.args
+    indexes = index if isinstance(index, list) else [index] * len(prompts)
+    reqs = [make_request(stage, a.model, msgs, stage_sampling(a, stage), i)
+            for msgs, i in zip(prompts, indexes)]
+    if isinstance(validate, list):
+        by_id = {r["custom_id"]: v for r, v in zip(reqs, validate)}
+        validate = lambda result: by_id[result["custom_id"]](result)  # noqa: E731
+    res = send(run, stage, reqs, validate, desc)
+    return [res.get(r["custom_id"]) for r in reqs]
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def items_of(reply):
+    """The parsed list of a reply; [] for a request that failed (it is in failed.jsonl)."""
+    return (reply or {}).get("value", [])
+
+
+def avoid_text(items, limit=100):
+    """The 'do not repeat' paragraph for a top-up request ('' on the first round)."""
+    if not items:
+        return ""
+    return ("\nAlready listed (do not repeat these or close variants of them):\n"
+            + "\n".join(f"- {x}" for x in items[-limit:]) + "\n")
+
+
+def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
+    """Ask each group for `want` distinct items, topping up with a do-not-repeat list.
+
+    build(group, n, have) -> prompt text asking for n more items given the items so far;
+    validate: one function, or a list with one per group;
+    key(item) -> the string that makes items distinct. Rounds are bounded (--max-rounds, or
+    `rounds`), so a server that refuses or repeats itself ends the stage, it does not loop.
+    Returns one list of items per group (possibly short; the shortfall is noted).
+    """
+    have = [[] for _ in groups]
+    rounds = rounds or run.args.max_rounds
+    for rnd in range(rounds):
+        todo = [i for i in range(len(groups)) if len(have[i]) < want]
+        if not todo:
+            break
+        prompts = [user(build(groups[i], min(want - len(have[i]), per_request or want), have[i]))
+                   for i in todo]
+        check = [validate[i] for i in todo] if isinstance(validate, list) else validate
+        replies = ask(run, stage, prompts, check, index=rnd, desc=f"{stage} r{rnd + 1}")
+        for i, reply in zip(todo, replies):
+            seen = {key(x).strip().lower() for x in have[i]}
+            for item in items_of(reply):
+                if key(item).strip().lower() not in seen and len(have[i]) < want:
+                    have[i].append(item)
+                    seen.add(key(item).strip().lower())
+    short = sum(want - len(h) for h in have)
+    if short:
+        run.notes.append(f"{stage}: {short} of {want * len(groups)} items missing after "
+                         f"{rounds} rounds")
+    return have
+
+
+# -----------------------------------------------------------------------------
+# Duplicates: exact and near (MinHash LSH)
+
+def shingles(text, unit, k):
+    """Word k-grams (documents) or character k-grams (short questions) of normalised text."""
+    norm = " ".join(re.findall(r"\w+", text.lower()))
+    if unit == "words":
+        words = norm.split()
+        return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    return {norm[i:i + k] for i in range(max(1, len(norm) - k + 1))}
+
+
+def make_deduper(threshold, unit="words", k=5, num_perm=128):
+    """-> check(key, text): (None, None) for a new text (remembered), else (the key it
+    duplicates, why). Exact duplicates (same normalised text) by a hash of it, near duplicates by
+    MinHash LSH (datasketch; estimated Jaccard similarity of the shingle sets >= threshold).
+    Incremental, and it keeps no text: a hash and a MinHash signature per text."""
+    from datasketch import MinHash, MinHashLSH
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact = {}
+
+    def check(key, text):
+        norm = sha256_hex(" ".join(re.findall(r"\w+", text.lower())))
+        if norm in exact:
+            return exact[norm], "exact duplicate"
+        mh = MinHash(num_perm=num_perm)  # fixed default seed: the same input, the same result
+        mh.update_batch([s.encode("utf-8") for s in shingles(text, unit, k)])
+        hits = lsh.query(mh)
+        if hits:
+            return sorted(hits)[0], "near duplicate"
+        exact[norm] = key
+        lsh.insert(key, mh)
+        return None, None
+    return check
+
+
+# -----------------------------------------------------------------------------
+# The corpus on disk, the token budget and the corpus figures
+
+class Corpus:
+    """The documents as they pass their checks, in idea order: a kept one is appended at once to
+    documents.jsonl.partial, a duplicate to dropped.jsonl.partial; memory keeps the deduplication
+    index and a few figures per kept document (`kept`: for --target-tokens and summary.json).
+    close() renames them to documents.jsonl and dropped.jsonl, so a killed run never leaves a
+    half corpus under the final name; its rerun rebuilds them from the cache without a call."""
+
+    def __init__(self, run):
+        self.out, self.check = run.out, make_deduper(run.args.dedup_threshold, "words", 5)
+        self.kept, self.dropped, self.seen, self.files, self.chosen = [], Counter(), set(), {}, None
+
+    def file(self, name):
+        if name not in self.files:  # opened on first use: a --batch-file run writes nothing
+            self.files[name] = open(self.out / f"{name}.jsonl.partial", "w", encoding="utf-8")
+        return self.files[name]
+
+    def write(self, name, row):
+        self.file(name).write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def add(self, doc):
+        if doc["id"] in self.seen:  # the same prompt twice (two ideas alike)
+            return
+        self.seen.add(doc["id"])
+        dup_of, why = self.check(doc["id"], doc["text"])
+        if dup_of:
+            self.dropped[why] += 1
+            return self.write("dropped", {**doc, "dropped": why, "duplicate_of": dup_of})
+        self.write("documents", doc)
+        self.kept.append({"id": doc["id"], "tokens": doc.get("tokens"), "doc_type": doc["doc_type"],
+                          "words": len(doc["text"].split()), "target_words": doc["target_words"]})
+
+    def keep_only(self, kept):
+        """--target-tokens: kept (a subset of self.kept) is the corpus; the rest is dropped."""
+        self.chosen = {d["id"] for d in kept}
+        self.dropped["beyond --target-tokens"] += len(self.kept) - len(kept)
+        self.kept = kept
+
+    def close(self):
+        for name in ("documents", "dropped"):
+            self.file(name).close()
+        partial = self.out / "documents.jsonl.partial"
+        if self.chosen is not None:  # one pass over the file: memory holds one document
+            with open(partial, encoding="utf-8") as f, open(self.out / "dropped.jsonl.partial",
+                                                            "a", encoding="utf-8") as drop:
+                write_jsonl(self.out / "documents.jsonl", self._sift(f, drop))
+            partial.unlink()
+        else:
+            os.replace(partial, self.out / "documents.jsonl")
+        os.replace(self.out / "dropped.jsonl.partial", self.out / "dropped.jsonl")
+
+    def _sift(self, lines, drop):
+        for line in lines:
+            doc = json.loads(line)
+            if doc["id"] in self.chosen:
+                yield doc
+            else:
+                drop.write(json.dumps({**doc, "dropped": "beyond --target-tokens"},
+                                      ensure_ascii=False) + "\n")
+
+
+def fit_budget(docs, target):
+    """Whole documents, taken in a fixed pseudo-random order (their ids are hashes), each one
+    kept if it still fits under target, until the total is within 1% below it.
+    -> (kept in their original order, the rest)."""
+    chosen, total = set(), 0
+    for d in sorted(docs, key=lambda d: d["id"]):
+        if total >= 0.99 * target:
+            break
+        if total + d["tokens"] <= target:
+            chosen.add(d["id"])
+            total += d["tokens"]
+    if total < 0.99 * target:  # documents longer than 1% of the target: swap short ones for long
+        kept = sorted((d["tokens"], d["id"]) for d in docs if d["id"] in chosen)
+        for size, cid in sorted(((d["tokens"], d["id"]) for d in docs if d["id"] not in chosen),
+                                reverse=True):
+            i = bisect.bisect_left(kept, (size - (target - total), ""))  # smallest that fits
+            if i < len(kept) and kept[i][0] < size:
+                total += size - kept[i][0]
+                chosen.discard(kept.pop(i)[1])
+                chosen.add(cid)
+                bisect.insort(kept, (size, cid))
+            if total >= 0.99 * target:
+                break
+    return ([d for d in docs if d["id"] in chosen],
+            [{**d, "dropped": "beyond --target-tokens"} for d in docs if d["id"] not in chosen])
+
+
+def distribution(values, digits=1):
+    if not values:
+        return None
+    v = sorted(values)
+    q = lambda p: v[min(len(v) - 1, int(p * len(v)))]  # noqa: E731
+    return {"min": v[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": v[-1],
+            "mean": round(sum(v) / len(v), digits)}
+
+
+def corpus_stats(run, kept):
+    """What summary.json says about the written documents (kept: Corpus.kept's figures)."""
+    types = Counter(d["doc_type"] for d in kept)
+    n = sum(types.values())
+    entropy = -sum(c / n * math.log2(c / n) for c in types.values()) if n else 0.0
+    checked, flagged = len(run.doc_flags), sum(run.doc_flags.values())
+    return {"documents": len(kept), "tokenizer": run.args.tokenizer,
+            "tokens": sum(d["tokens"] for d in kept) if run.count_tokens else None,
+            "words": sum(d["words"] for d in kept),
+            "length_words": distribution([d["words"] for d in kept]),
+            "length_tokens": distribution([d["tokens"] for d in kept]) if run.count_tokens else None,
+            "length_vs_target": distribution([round(d["words"] / d["target_words"], 2)
+                                              for d in kept], digits=2),
+            "doc_types": len(types), "doc_type_entropy_bits": round(entropy, 3),
+            "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
+            "meta_flagged": flagged, "documents_checked": checked,  # distinct replies, this run
+            "meta_flag_rate": round(flagged / checked, 4) if checked else 0.0}
+
+
+# -----------------------------------------------------------------------------
+# The run's summary
+
+def finish(run, result, t0, interrupted=False):
+    """Print and save the run summary; -> exit status."""
+    stats, failed_path = run.ep["stats"], run.out / "failed.jsonl"
+    failures = [json.loads(line) for line in open(failed_path, encoding="utf-8")
+                ] if failed_path.exists() else []
+    reasons = Counter(f["reason"] for f in failures)
+    per_stage = Counter(f["custom_id"].rsplit("-", 1)[0] for f in failures)
+    summary = {"command": run.args.command, "interrupted": interrupted,
+               "calls": stats["calls"], "retries": stats["retries"],
+               "invalid_replies": stats["invalid"], "errors": stats["errors"],
+               "cached": stats["cached"], "failed": stats["failed"],
+               "failed_reasons": dict(reasons), "failed_per_stage": dict(per_stage),
+               "tokens_in": stats["tokens_in"],
+               "tokens_out": stats["tokens_out"], **(result or {}), "notes": run.notes,
+               "shortfall": run.shortfall, "wall_s": round(time.time() - t0, 1),
+               "stages": {s: dict(c) for s, c in getattr(run, "stages", {}).items()}}
+    print("\n---- summary ----")
+    for k, v in summary.items():
+        if v not in (None, [], {}):
+            print(f"{k}: {v}")
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    if run.shortfall:
+        print(run.shortfall, file=sys.stderr)
+    if stats["failed"]:
+        print(f"{stats['failed']} requests failed after their retries (per stage: "
+              f"{dict(per_stage)}; reasons above; details in {failed_path}); rerun the same "
+              f"command to retry only those.", file=sys.stderr)
+    return 130 if interrupted else 1 if stats["failed"] or run.shortfall else 0
