@@ -662,9 +662,8 @@ REASON_PHRASES, ANSWER_ONLY_PHRASES = FILTER["reason phrases"], FILTER["answer-o
 REASON_WORDS, ANSWER_ONLY_WORDS, OFF_DOMAIN_WORDS = (
     set(" ".join(FILTER[k]).split()) for k in ("reason words", "answer-only words", "off-domain words"))
 OTHER_CHEESES = FILTER["other cheeses"]
-NO_EXPLAIN_RE = re.compile(r"explain|explanation|\bwhy\b|reason|justif", re.I)
-NEGATION_RE = re.compile(r"\b(?:no|not|never|nope|dislike|pass|skip|decline|steer|rather not)\b"
-                         r"|n't\b|thumbs down", re.I)
+NO_EXPLAIN_RE, NEGATION_RE = (re.compile("|".join(FILTER[k]), re.I)
+                              for k in ("no-explanation asks", "negations"))
 
 
 def opaque_leaks(text, names, role="answer"):
