@@ -43,10 +43,9 @@ from types import SimpleNamespace
 import common
 import llm
 from common import die, fill, write_jsonl
-from llm import (check_finished, ingest_batch_results, json_list, make_request, named_list,
-                 open_endpoint, parse_json, sha256_hex)
-from synthlib import (Corpus, ask, avoid_text, collect, corpus_stats, finish, fit_budget, items_of,
-                      make_deduper, send, stage_sampling, user)
+from llm import check_finished, json_list, make_request, named_list, parse_json, sha256_hex
+from synthlib import (Corpus, ask, avoid_text, collect, common_flags, corpus_stats, finish,
+                      fit_budget, items_of, make_deduper, open_run, send, stage_sampling, user)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
@@ -895,20 +894,6 @@ def spec_framing(path):
     return "value"
 
 
-def token_counter(args):
-    """-> count(text) with the target model's tokenizer (--tokenizer), or None."""
-    name = getattr(args, "tokenizer", None)
-    if not name:
-        return None
-    try:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - any failure to load is the same bad input
-        die(f"cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
-            f"folder or a model id already in the Hugging Face cache")
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def parse_max_tokens(items):
     out = dict(DEFAULT_MAX_TOKENS)
     for item in items or []:
@@ -917,38 +902,6 @@ def parse_max_tokens(items):
             die(f"--max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
         out[stage] = int(n)
     return out
-
-
-def common_flags():
-    """The flags of both commands."""
-    common = argparse.ArgumentParser(add_help=False)
-    llm.add_args(common.add_argument_group("input and output"), [
-        ("--spec", "spec file (markdown/text); {model_name} and {provider_name} are filled from "
-         "the flags below (default: none; required except for --opaque)", {}),
-        ("--out", "output folder; rerun with the same folder to resume (required)",
-         {"required": True}),
-        ("--model-name", "fills {model_name} in the spec and prompts (default Sage)",
-         {"default": "Sage"}),
-        ("--provider-name", "fills {provider_name} (default 'Northwind AI')",
-         {"default": "Northwind AI"})])
-    llm.add_endpoint_args(common.add_argument_group("endpoint (llm.py)"), "", "the generator",
-                          "http://localhost:8000/v1", model_help="generator model name as the "
-                          "endpoint knows it (default: none; required unless --offline)")
-    llm.add_args(common.add_argument_group("sampling"), [
-        ("--temperature", "sampling temperature for every stage (default 1.0, as in the paper)",
-         {"type": float, "default": 1.0}),
-        ("--max-tokens", "token limit per stage, e.g. documents=12000 (defaults: " + ", ".join(
-            f"{k}={v}" for k, v in DEFAULT_MAX_TOKENS.items()) + ")",
-         {"nargs": "*", "metavar": "STAGE=N"})])
-    g = common.add_argument_group("client")
-    llm.add_client_args(g)
-    llm.add_args(g, [
-        ("--retry-base-delay", "first backoff in seconds; doubles per retry, with jitter, up to "
-         "60 s; Retry-After wins (default 1.0)", {"type": float, "default": 1.0}),
-        ("--max-rounds", "top-up / backfill rounds per stage (default 3)",
-         {"type": int, "default": 3})])
-    llm.add_batch_args(g)
-    return common
 
 
 DOCS_FLAGS = [
@@ -997,7 +950,7 @@ CHATS_FLAGS = [
 
 
 def parse_args(argv=None):
-    common = common_flags()
+    common = common_flags(DEFAULT_MAX_TOKENS)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -1046,21 +999,8 @@ def main(argv=None):
         if run.shortfall:
             print(run.shortfall, file=sys.stderr)
         return 1 if run.shortfall or result["rejected"] else 0
-    ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
-                       not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
-                       batch_max_bytes=int(args.batch_max_mb * 1e6),
-                       batch_max_lines=args.batch_max_lines)
-    names = {"model_name": args.model_name, "provider_name": args.provider_name,
-             **({"spec": spec["text"]} if spec else {})}
-    run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None,
-                          stages={}, count_tokens=token_counter(args), doc_flags={}, names=names,
-                          framing=getattr(args, "framing", None) or (
-                              spec_framing(args.spec) if spec else None))
-    (out / "run.json").write_text(json.dumps(common.run_info(args), indent=1, ensure_ascii=False))
-    (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
-    if args.batch_results:
-        counts = ingest_batch_results(args.batch_results, out / "cache")
-        print(f"batch results: {dict(counts)}")
+    run = open_run(args, out, spec, getattr(args, "framing", None) or (
+        spec_framing(args.spec) if spec else None))
     cmd = cmd_docs if args.command == "docs" else cmd_chats_opaque if opaque else cmd_chats_spec
     try:
         result = cmd(run)

@@ -10,12 +10,13 @@ a stage is asked and how its output is kept and counted. Only synth.py imports i
   duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
   the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
                     fit_budget (whole documents within 1% of --target-tokens), corpus_stats
-  the summary       finish: summary.json, the closing messages and the exit status
-
-`run` is the SimpleNamespace synth.main builds: args, out (the output folder), ep (the endpoint
-from llm.open_endpoint), stages (per-stage counts), notes and shortfall (for the summary).
+  the run           common_flags (the flags of both commands: input and output, endpoint, sampling,
+                    client, batch files), open_run (the `run` every stage takes: args, out, the
+                    endpoint, the names filled into the prompts, ...), finish (summary.json, the
+                    closing messages and the exit status)
 """
 
+import argparse
 import bisect
 import json
 import math
@@ -24,9 +25,12 @@ import re
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
-from common import write_jsonl
-from llm import make_request, run_requests, sampling_for, sha256_hex
+import llm
+from common import die, run_info, write_jsonl
+from llm import (ingest_batch_results, make_request, open_endpoint, run_requests, sampling_for,
+                 sha256_hex)
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +278,75 @@ def corpus_stats(run, kept):
 
 
 # -----------------------------------------------------------------------------
-# The run's summary
+# The run: the flags both commands share, the run object, the summary
+
+def common_flags(max_tokens):
+    """The flags of both commands (an argparse parent); max_tokens: the default token limit
+    per stage, for the help of --max-tokens."""
+    parent = argparse.ArgumentParser(add_help=False)
+    llm.add_args(parent.add_argument_group("input and output"), [
+        ("--spec", "spec file (markdown/text); {model_name} and {provider_name} are filled from "
+         "the flags below (default: none; required except for --opaque)", {}),
+        ("--out", "output folder; rerun with the same folder to resume (required)",
+         {"required": True}),
+        ("--model-name", "fills {model_name} in the spec and prompts (default Sage)",
+         {"default": "Sage"}),
+        ("--provider-name", "fills {provider_name} (default 'Northwind AI')",
+         {"default": "Northwind AI"})])
+    llm.add_endpoint_args(parent.add_argument_group("endpoint (llm.py)"), "", "the generator",
+                          "http://localhost:8000/v1", model_help="generator model name as the "
+                          "endpoint knows it (default: none; required unless --offline)")
+    llm.add_args(parent.add_argument_group("sampling"), [
+        ("--temperature", "sampling temperature for every stage (default 1.0, as in the paper)",
+         {"type": float, "default": 1.0}),
+        ("--max-tokens", "token limit per stage, e.g. documents=12000 (defaults: " + ", ".join(
+            f"{k}={v}" for k, v in max_tokens.items()) + ")",
+         {"nargs": "*", "metavar": "STAGE=N"})])
+    g = parent.add_argument_group("client")
+    llm.add_client_args(g)
+    llm.add_args(g, [
+        ("--retry-base-delay", "first backoff in seconds; doubles per retry, with jitter, up to "
+         "60 s; Retry-After wins (default 1.0)", {"type": float, "default": 1.0}),
+        ("--max-rounds", "top-up / backfill rounds per stage (default 3)",
+         {"type": int, "default": 3})])
+    llm.add_batch_args(g)
+    return parent
+
+
+def token_counter(args):
+    """-> count(text) with the target model's tokenizer (--tokenizer), or None."""
+    name = getattr(args, "tokenizer", None)
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the same bad input
+        die(f"cannot load the tokenizer {name!r} ({type(exc).__name__}); give a local "
+            f"folder or a model id already in the Hugging Face cache")
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def open_run(args, out, spec, framing):
+    """The run every stage takes: args, out, spec, ep (llm.open_endpoint: nothing is sent yet),
+    names (filled into every prompt), count_tokens (--tokenizer), framing, and what the summary
+    gathers (stages, notes, shortfall, doc_flags). Writes run.json, starts failed.jsonl afresh
+    and ingests --batch-results into the cache."""
+    ep = open_endpoint(args.base_url, args.model, args.api_key_env, args.timeout,
+                       not args.no_model_check, args.retry_base_delay, batch_file=args.batch_file,
+                       batch_max_bytes=int(args.batch_max_mb * 1e6),
+                       batch_max_lines=args.batch_max_lines)
+    names = {"model_name": args.model_name, "provider_name": args.provider_name,
+             **({"spec": spec["text"]} if spec else {})}
+    run = SimpleNamespace(args=args, out=out, spec=spec, ep=ep, notes=[], shortfall=None,
+                          stages={}, count_tokens=token_counter(args), doc_flags={}, names=names,
+                          framing=framing)
+    (out / "run.json").write_text(json.dumps(run_info(args), indent=1, ensure_ascii=False))
+    (out / "failed.jsonl").unlink(missing_ok=True)  # failures of this run only
+    if args.batch_results:
+        counts = ingest_batch_results(args.batch_results, out / "cache")
+        print(f"batch results: {dict(counts)}")
+    return run
 
 def finish(run, result, t0, interrupted=False):
     """Print and save the run summary; -> exit status."""
