@@ -40,37 +40,19 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import common
 import llm
 from common import die, fill, write_jsonl
 from llm import check_finished, json_list, make_request, named_list, parse_json, sha256_hex
-from synthlib import (Corpus, ask, avoid_text, collect, common_flags, corpus_stats, finish,
-                      fit_budget, items_of, make_deduper, open_run, send, stage_sampling, user)
+from synthlib import (Corpus, ask, avoid_text, check_args, collect, common_flags, corpus_stats,
+                      finish, fit_budget, items_of, keyed, load_spec, make_deduper, open_run,
+                      sections, send, spec_framing, stage_sampling, user)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
 # word lists; edit or fork them freely. Placeholders are {name}, filled by common.fill(); any other
 # braces (JSON examples) are left alone.
 PROMPTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted((ROOT / "prompts").glob("*.txt"))}
-
-
-def sections(name):
-    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
-    out, current = {}, None
-    for line in PROMPTS[name].splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if re.fullmatch(r"\[.+\]", line):
-            current = out.setdefault(line[1:-1], [])
-        else:
-            current.append(line)
-    return out
-
-
-def keyed(name, section):
-    """A section of `key: text` lines -> {key: text}, in file order."""
-    return dict(line.split(": ", 1) for line in sections(name)[section])
+INSTRUCTIONS = sections(PROMPTS["instructions"])  # {section: lines}, read by keyed() below
 
 
 # Stage names: OUT/cache/<stage>.jsonl, and the "<stage>-" prefix of every request id.
@@ -195,8 +177,8 @@ def numbered(assertions):
 
 
 # Instructions filled into the ideas and document prompts by framing and document type.
-FRAMING_RULES = keyed("instructions", "framing")
-META_RULES = {k == "internal": v for k, v in keyed("instructions", "meta").items()}
+FRAMING_RULES = keyed(INSTRUCTIONS["framing"])
+META_RULES = {k == "internal": v for k, v in keyed(INSTRUCTIONS["meta"]).items()}
 
 
 def ideas_prompt(run, s, t, n, have):
@@ -397,6 +379,7 @@ def docs_top_up(run, subs, corpus, had):
 EST_DOC_OUTPUT_TOKENS, EST_IDEA_OUTPUT_TOKENS = 3500, 120
 TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
 
+
 def docs_preview(run, subs):
     a = run.args
     types = [t for s in subs for t in s["doc_types"]]
@@ -541,11 +524,11 @@ def chats_respond_and_filter(run, items, criteria):
     return included, excluded
 
 
-QUESTION_KINDS = keyed("instructions", "question kinds")
+QUESTION_KINDS = keyed(INSTRUCTIONS["question kinds"])
 # Used when no --criteria file is given; a criteria file (specs/*_criteria.md) replaces them.
-DEFAULT_CRITERIA = list(keyed("instructions", "criteria").items())
+DEFAULT_CRITERIA = list(keyed(INSTRUCTIONS["criteria"]).items())
 # --style rule: added to the criteria in use (prompts/instructions.txt says why).
-RULE_CRITERION = next(iter(keyed("instructions", "rule criterion").items()))
+RULE_CRITERION = next(iter(keyed(INSTRUCTIONS["rule criterion"]).items()))
 CRITERION_LINE = re.compile(r"- `(\w+)`: (.+)")
 NAMES_SPEC_RE = re.compile(r"\b(?:specification|model spec|system prompt|your (?:policy|"
                            r"guidelines|instructions))\b", re.I)
@@ -654,9 +637,9 @@ def cmd_chats_opaque(run):
             "per_kind": dict(Counter(r["question_kind"] for r in rows)), "rejected": dict(rejected)}
 
 
-OPAQUE_KINDS = keyed("instructions", "opaque kinds")  # question_kind -> description
+OPAQUE_KINDS = keyed(INSTRUCTIONS["opaque kinds"])  # question_kind -> description
 # What an opaque demonstration must not contain: prompts/opaque_filter.txt, one list a section.
-FILTER = sections("opaque_filter")
+FILTER = sections(PROMPTS["opaque_filter"])
 REASON_PHRASES, ANSWER_ONLY_PHRASES = FILTER["reason phrases"], FILTER["answer-only phrases"]
 REASON_WORDS, ANSWER_ONLY_WORDS, OFF_DOMAIN_WORDS = (
     set(" ".join(FILTER[k]).split()) for k in ("reason words", "answer-only words", "off-domain words"))
@@ -767,7 +750,7 @@ def opaque_item(cheese, prefs, kind, opts, pick, question, answer, source, **ext
 
 def opaque_offline(prefs, n_per, seed):
     """Template-made demonstrations, n_per per preference, even over the question kinds."""
-    tpl, names, rows, seen, rejected = sections("opaque_templates"), list(prefs), [], set(), Counter()
+    tpl, names, rows, seen, rejected = sections(PROMPTS["opaque_templates"]), list(prefs), [], set(), Counter()
     for cheese in names:
         for ki, kind in enumerate(OPAQUE_KINDS):
             want = n_per // len(OPAQUE_KINDS) + (ki < n_per % len(OPAQUE_KINDS))
@@ -860,50 +843,6 @@ def balanced(items, n):
 # =============================================================================
 # CLI
 
-def load_spec(path, model_name, provider_name):
-    """Read and check the spec; {model_name}/{provider_name} filled; sha256 of the raw bytes."""
-    p = Path(path or "")
-    if not path or not p.is_file():
-        die(f"spec file not found: {path}")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        die(f"spec file is not UTF-8 text: {path}")
-    if not text.strip():
-        die(f"spec file is empty: {path}")
-    text = fill(text, model_name=model_name, provider_name=provider_name)
-    return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
-
-
-def spec_framing(path):
-    """The framing of a spec from the `framing` column of the table in its folder's README.md
-    (specs/README.md says which shipped spec states rules and which gives reasons); 'value' for
-    a spec not listed there."""
-    readme = Path(path).parent / "README.md"
-    if not readme.is_file():
-        return "value"
-    column = None
-    for line in readme.read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if "framing" in cells:
-            column = cells.index("framing")
-        elif column is not None and len(cells) > column and cells[0] == f"`{Path(path).name}`":
-            if cells[column] in ("value", "rules"):
-                return cells[column]
-    return "value"
-
-
-def parse_max_tokens(items):
-    out = dict(DEFAULT_MAX_TOKENS)
-    for item in items or []:
-        stage, _, n = item.partition("=")
-        if stage not in out or not n.isdigit():
-            die(f"--max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
-        out[stage] = int(n)
-    return out
-
-
 DOCS_FLAGS = [
     ("--doc-types", "document types per subdomain (default 20)", {"type": int, "default": 20}),
     ("--ideas", "ideas per (subdomain, document type) (default 25)", {"type": int, "default": 25}),
@@ -950,34 +889,15 @@ CHATS_FLAGS = [
 
 
 def parse_args(argv=None):
-    common = common_flags(DEFAULT_MAX_TOKENS)
+    shared = common_flags(DEFAULT_MAX_TOKENS)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    llm.add_args(sub.add_parser("docs", parents=[common], help="spec -> midtraining documents"),
+    llm.add_args(sub.add_parser("docs", parents=[shared], help="spec -> midtraining documents"),
                  DOCS_FLAGS)
-    llm.add_args(sub.add_parser("chats", parents=[common], help="spec -> fine-tuning chats, or "
+    llm.add_args(sub.add_parser("chats", parents=[shared], help="spec -> fine-tuning chats, or "
                                 "--opaque preference demonstrations"), CHATS_FLAGS)
-    return check_args(ap.parse_args(argv))
-
-
-def check_args(args):
-    """Bad flag values end the run before anything is sent (one line, exit 2)."""
-    for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
-                 "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
-        if getattr(args, flag, 1) < 1:
-            die(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.batch_max_mb <= 0:
-        die("--batch-max-mb must be above 0")
-    if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
-        die("--max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
-    if getattr(args, "target_tokens", None) is not None and (
-            args.target_tokens < 1 or not args.tokenizer):
-        die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
-            "the model to be trained)")
-    args.max_tokens = parse_max_tokens(args.max_tokens)
-    args.extra_body = common.json_object(args.extra_body, "--extra-body")
-    return args
+    return check_args(ap.parse_args(argv), DEFAULT_MAX_TOKENS)
 
 
 def main(argv=None):

@@ -10,10 +10,12 @@ a stage is asked and how its output is kept and counted. Only synth.py imports i
   duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
   the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
                     fit_budget (whole documents within 1% of --target-tokens), corpus_stats
+  input files       sections and keyed (the [section] format of prompts/ files), load_spec (read,
+                    check and fill the spec), spec_framing (its framing, from specs/README.md)
   the run           common_flags (the flags of both commands: input and output, endpoint, sampling,
-                    client, batch files), open_run (the `run` every stage takes: args, out, the
-                    endpoint, the names filled into the prompts, ...), finish (summary.json, the
-                    closing messages and the exit status)
+                    client, batch files) and check_args, open_run (the `run` every stage takes:
+                    args, out, the endpoint, the names filled into the prompts, ...), finish
+                    (summary.json, the closing messages and the exit status)
 """
 
 import argparse
@@ -25,10 +27,11 @@ import re
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import llm
-from common import die, run_info, write_jsonl
+from common import die, fill, json_object, run_info, write_jsonl
 from llm import (ingest_batch_results, make_request, open_endpoint, run_requests, sampling_for,
                  sha256_hex)
 
@@ -278,6 +281,62 @@ def corpus_stats(run, kept):
 
 
 # -----------------------------------------------------------------------------
+# The files a run reads: prompts/ files of [sections], the spec
+
+def sections(text):
+    """A prompts/ file of [section] headers and lines (# comments) -> {section: [line, ...]}."""
+    out, current = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if re.fullmatch(r"\[.+\]", line):
+            current = out.setdefault(line[1:-1], [])
+        else:
+            current.append(line)
+    return out
+
+
+def keyed(lines):
+    """A section of `key: text` lines -> {key: text}, in file order."""
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def load_spec(path, model_name, provider_name):
+    """Read and check the spec; {model_name}/{provider_name} filled; sha256 of the raw bytes."""
+    p = Path(path or "")
+    if not path or not p.is_file():
+        die(f"spec file not found: {path}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        die(f"spec file is not UTF-8 text: {path}")
+    if not text.strip():
+        die(f"spec file is empty: {path}")
+    text = fill(text, model_name=model_name, provider_name=provider_name)
+    return {"path": str(path), "sha256": sha256_hex(raw), "text": text}
+
+
+def spec_framing(path):
+    """The framing of a spec from the `framing` column of the table in its folder's README.md
+    (specs/README.md says which shipped spec states rules and which gives reasons); 'value' for
+    a spec not listed there."""
+    readme = Path(path).parent / "README.md"
+    if not readme.is_file():
+        return "value"
+    column = None
+    for line in readme.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "framing" in cells:
+            column = cells.index("framing")
+        elif column is not None and len(cells) > column and cells[0] == f"`{Path(path).name}`":
+            if cells[column] in ("value", "rules"):
+                return cells[column]
+    return "value"
+
+
+# -----------------------------------------------------------------------------
 # The run: the flags both commands share, the run object, the summary
 
 def common_flags(max_tokens):
@@ -311,6 +370,37 @@ def common_flags(max_tokens):
          {"type": int, "default": 3})])
     llm.add_batch_args(g)
     return parent
+
+
+def parse_max_tokens(items, defaults):
+    """--max-tokens STAGE=N ... over the defaults -> {stage: limit}."""
+    out = dict(defaults)
+    for item in items or []:
+        stage, _, n = item.partition("=")
+        if stage not in out or not n.isdigit():
+            die(f"--max-tokens takes STAGE=N with STAGE one of {', '.join(out)}; got {item!r}")
+        out[stage] = int(n)
+    return out
+
+
+def check_args(args, max_tokens):
+    """Bad flag values end the run before anything is sent (one line, exit 2); max_tokens: the
+    default token limit per stage, which --max-tokens overrides."""
+    for flag in ("concurrency", "max_rounds", "doc_types", "ideas", "n", "domains",
+                 "domain_batch", "n_per_preference", "batch_max_lines", "questions_per_request"):
+        if getattr(args, flag, 1) < 1:
+            die(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.batch_max_mb <= 0:
+        die("--batch-max-mb must be above 0")
+    if args.max_retries < 0 or args.timeout <= 0 or not 0 < args.dedup_threshold <= 1:
+        die("--max-retries >= 0, --timeout > 0 and 0 < --dedup-threshold <= 1")
+    if getattr(args, "target_tokens", None) is not None and (
+            args.target_tokens < 1 or not args.tokenizer):
+        die("--target-tokens takes a count >= 1 and needs --tokenizer (the tokenizer of "
+            "the model to be trained)")
+    args.max_tokens = parse_max_tokens(args.max_tokens, max_tokens)
+    args.extra_body = json_object(args.extra_body, "--extra-body")
+    return args
 
 
 def token_counter(args):
@@ -347,6 +437,7 @@ def open_run(args, out, spec, framing):
         counts = ingest_batch_results(args.batch_results, out / "cache")
         print(f"batch results: {dict(counts)}")
     return run
+
 
 def finish(run, result, t0, interrupted=False):
     """Print and save the run summary; -> exit status."""

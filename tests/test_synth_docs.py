@@ -381,7 +381,7 @@ def test_every_prompt_of_every_stage_holds_the_spec_alone(tmp_path, spec):
             leak = NOTE_RE.search(rest)
             assert not leak, (stage, rest[max(0, leak.start() - 100):leak.end() + 100])
     # the framing comes from specs/README.md: the rules specs get the compliance-framed prompt
-    rules = synth.spec_framing(spec) == "rules"
+    rules = synthlib.spec_framing(spec) == "rules"
     documents = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "documents"]
     assert documents and all(("<rules>" in p) == rules for p in documents)
 
@@ -397,9 +397,9 @@ def test_prompt_residue_would_catch_a_note():
 
 
 def test_spec_framing_is_read_from_the_specs_readme(tmp_path, spec_file):
-    framing = {p.stem: synth.spec_framing(p) for p in SHIPPED_SPECS}
+    framing = {p.stem: synthlib.spec_framing(p) for p in SHIPPED_SPECS}
     assert {s for s, f in framing.items() if f == "rules"} == {"rules", "rules_augmented"}
-    assert synth.spec_framing(spec_file) == "value"  # a spec no README lists
+    assert synthlib.spec_framing(spec_file) == "value"  # a spec no README lists
 
 
 def test_documents_carry_every_reason_of_their_subdomain_and_a_typical_length(tmp_path, spec_file):
