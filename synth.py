@@ -43,9 +43,10 @@ from types import SimpleNamespace
 import llm
 from common import die, fill, write_jsonl
 from llm import check_finished, json_list, make_request, named_list, parse_json, sha256_hex
-from synthlib import (Corpus, ask, avoid_text, check_args, collect, common_flags, corpus_stats,
-                      finish, fit_budget, items_of, keyed, load_spec, make_deduper, open_run,
-                      sections, send, spec_framing, stage_sampling, user)
+from synthlib import (EST_DOC_OUTPUT_TOKENS, Corpus, ask, avoid_text, check_args, collect,
+                      common_flags, corpus_stats, finish, fit_budget, items_of, keyed, load_spec,
+                      make_deduper, open_run, preview_estimate, sections, send, spec_framing,
+                      stage_sampling, user)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
@@ -373,45 +374,14 @@ def docs_top_up(run, subs, corpus, had):
         docs_documents(run, ideas_from([g for g, _ in todo], lists), corpus)
 
 
-# Preview estimate: the paper's documents average ~3.1k tokens; add a short scratchpad. A
-# document's tokens from its type's typical length: ~1.35 tokens a word for English with current
-# tokenizers, plus the scratchpad.
-EST_DOC_OUTPUT_TOKENS, EST_IDEA_OUTPUT_TOKENS = 3500, 120
-TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
-
-
 def docs_preview(run, subs):
-    a = run.args
-    types = [t for s in subs for t in s["doc_types"]]
-    n_types = len(types)
-    per_doc = [int(doc_length(run, t) * TOKENS_PER_WORD) + EST_SCRATCHPAD_TOKENS for t in types]
-    n_docs = n_types * a.ideas
-    body_tokens = sum(p - EST_SCRATCHPAD_TOKENS for p in per_doc) * a.ideas
-    if a.target_tokens and body_tokens:  # topped up or cut to the budget, in the same mix
-        scale = a.target_tokens / body_tokens
-        n_docs, per_doc = math.ceil(n_docs * scale), [p * scale for p in per_doc]
-    idea_in = sum(len(fill(PROMPTS["ideas"], spec=run.spec["text"], assertions=numbered(
-        s["assertions"]))) for s in subs for _ in s["doc_types"]) // 4
-    doc_in = n_docs * (len(PROMPTS["document"]) + len(run.spec["text"]) + 1500) // 4
-    idea_out, doc_out = n_docs * EST_IDEA_OUTPUT_TOKENS, int(sum(per_doc) * a.ideas)
-    domains = sorted({s["domain"] for s in subs})
-    lengths = sorted(doc_length(run, t) for t in types)
-    print(f"\n---- preview: {run.spec['path']} (framing: {run.framing}) ----\n"
-          f"domains: {len(domains)}; subdomains: {len(subs)}; assertions: "
-          f"{sum(len(s['assertions']) for s in subs)}; document types: {n_types} "
-          f"({sum(t['internal'] for t in types)} internal to {a.provider_name}; typical length "
-          f"{lengths[0]}-{lengths[-1]} words, median {lengths[len(lengths) // 2]})\n"
-          f"ideas stage:     {n_types:>8,} calls  ~{idea_in:>12,} tokens in  ~{idea_out:>12,} out\n"
-          f"documents stage: {n_docs:>8,} calls  ~{doc_in:>12,} tokens in  ~{doc_out:>12,} out\n"
-          f"planned documents: {n_docs:,} (before deduplication"
-          f"{'; sized to --target-tokens' if a.target_tokens else ''})\n"
-          f"estimate: input = prompt characters / 4; output = each type's typical length x "
-          f"{TOKENS_PER_WORD} tokens a word + {EST_SCRATCHPAD_TOKENS} for the scratchpad, and "
-          f"~{EST_IDEA_OUTPUT_TOKENS} per idea.\n"
-          f"The stages above are cached: rerun without --preview (or with --batch-file) to go on.")
-    return {"domains": len(domains), "subdomains": len(subs), "doc_types": n_types,
-            "framing": run.framing, "planned_calls": n_types + n_docs, "planned_documents": n_docs,
-            "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
+    """--preview: the plan's size, and the calls and tokens the ideas and documents stages would
+    take (synthlib.preview_estimate)."""
+    idea_chars = sum(len(fill(PROMPTS["ideas"], spec=run.spec["text"], assertions=numbered(
+        s["assertions"]))) for s in subs for _ in s["doc_types"])
+    doc_chars = len(PROMPTS["document"]) + len(run.spec["text"]) + 1500
+    return preview_estimate(run, subs, [doc_length(run, t) for s in subs for t in s["doc_types"]],
+                            idea_chars, doc_chars)
 
 
 # =============================================================================

@@ -1,5 +1,5 @@
 """
-synthlib.py: the machinery synth.py's stages run on, kept apart so that synth.py reads as the method.
+synthlib.py: the machinery under synth.py's stages, kept apart so that synth.py reads as the method.
 
 Nothing here decides what the data says (that is synth.py and the prompts in prompts/); this is how
 a stage is asked and how its output is kept and counted. Only synth.py imports it (and the tests).
@@ -9,7 +9,8 @@ a stage is asked and how its output is kept and counted. Only synth.py imports i
                     ask each group again, with a do-not-repeat list, until it has enough items)
   duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
   the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
-                    fit_budget (whole documents within 1% of --target-tokens), corpus_stats
+                    fit_budget (whole documents within 1% of --target-tokens), corpus_stats,
+                    preview_estimate (the calls and tokens --preview prints)
   input files       sections and keyed (the [section] format of prompts/ files), load_spec (read,
                     check and fill the spec), spec_framing (its framing, from specs/README.md)
   the run           common_flags (the flags of both commands: input and output, endpoint, sampling,
@@ -163,7 +164,7 @@ def make_deduper(threshold, unit="words", k=5, num_perm=128):
 
 
 # -----------------------------------------------------------------------------
-# The corpus on disk, the token budget and the corpus figures
+# The corpus: on disk, fitted to a token budget, its figures, and the --preview estimate
 
 class Corpus:
     """The documents as they pass their checks, in idea order: a kept one is appended at once to
@@ -278,6 +279,49 @@ def corpus_stats(run, kept):
             "doc_type_entropy_max_bits": round(math.log2(len(types)), 3) if types else 0.0,
             "meta_flagged": flagged, "documents_checked": checked,  # distinct replies, this run
             "meta_flag_rate": round(flagged / checked, 4) if checked else 0.0}
+
+
+# Estimates for --preview (and docs_top_up's guess before any document exists): the paper's
+# documents average ~3.1k tokens; add a short scratchpad. A document's tokens from its type's
+# typical length: ~1.35 tokens a word for English with current tokenizers, plus the scratchpad.
+EST_DOC_OUTPUT_TOKENS, EST_IDEA_OUTPUT_TOKENS = 3500, 120
+TOKENS_PER_WORD, EST_SCRATCHPAD_TOKENS = 1.35, 250
+
+
+def preview_estimate(run, subs, words, idea_chars, doc_chars):
+    """Print and return the --preview plan and estimate. words: the target length of each document
+    type, in subdomain order; idea_chars, doc_chars: the characters of all ideas prompts, and of
+    one document prompt."""
+    a = run.args
+    types = [t for s in subs for t in s["doc_types"]]
+    n_types = len(types)
+    per_doc = [int(w * TOKENS_PER_WORD) + EST_SCRATCHPAD_TOKENS for w in words]
+    n_docs = n_types * a.ideas
+    body_tokens = sum(p - EST_SCRATCHPAD_TOKENS for p in per_doc) * a.ideas
+    if a.target_tokens and body_tokens:  # topped up or cut to the budget, in the same mix
+        scale = a.target_tokens / body_tokens
+        n_docs, per_doc = math.ceil(n_docs * scale), [p * scale for p in per_doc]
+    idea_in = idea_chars // 4
+    doc_in = n_docs * doc_chars // 4
+    idea_out, doc_out = n_docs * EST_IDEA_OUTPUT_TOKENS, int(sum(per_doc) * a.ideas)
+    domains = sorted({s["domain"] for s in subs})
+    lengths = sorted(words)
+    print(f"\n---- preview: {run.spec['path']} (framing: {run.framing}) ----\n"
+          f"domains: {len(domains)}; subdomains: {len(subs)}; assertions: "
+          f"{sum(len(s['assertions']) for s in subs)}; document types: {n_types} "
+          f"({sum(t['internal'] for t in types)} internal to {a.provider_name}; typical length "
+          f"{lengths[0]}-{lengths[-1]} words, median {lengths[len(lengths) // 2]})\n"
+          f"ideas stage:     {n_types:>8,} calls  ~{idea_in:>12,} tokens in  ~{idea_out:>12,} out\n"
+          f"documents stage: {n_docs:>8,} calls  ~{doc_in:>12,} tokens in  ~{doc_out:>12,} out\n"
+          f"planned documents: {n_docs:,} (before deduplication"
+          f"{'; sized to --target-tokens' if a.target_tokens else ''})\n"
+          f"estimate: input = prompt characters / 4; output = each type's typical length x "
+          f"{TOKENS_PER_WORD} tokens a word + {EST_SCRATCHPAD_TOKENS} for the scratchpad, and "
+          f"~{EST_IDEA_OUTPUT_TOKENS} per idea.\n"
+          f"The stages above are cached: rerun without --preview (or with --batch-file) to go on.")
+    return {"domains": len(domains), "subdomains": len(subs), "doc_types": n_types,
+            "framing": run.framing, "planned_calls": n_types + n_docs, "planned_documents": n_docs,
+            "est_tokens_in": idea_in + doc_in, "est_tokens_out": idea_out + doc_out}
 
 
 # -----------------------------------------------------------------------------
