@@ -11,7 +11,9 @@ synth.py: the data of Model Spec Midtraining (MSM), made through any OpenAI-comp
 
 Each stage is a list of chat requests sent through llm.py, which appends every reply to
 OUT/cache/<stage>.jsonl as it arrives and never asks a cached request again: rerun the same
-command to resume. The prompts are the files in prompts/, one per stage.
+command to resume. The prompts are the files in prompts/, one per stage. What the stages run
+on (asking a stage, top-up rounds, near-duplicate removal, the corpus writer, the shared flags,
+the summary) is synthlib.py; the method is here.
 
   vllm serve Qwen/Qwen3-32B --port 8000
   python synth.py docs --spec specs/cheese_america.md --out runs/docs_america \\
@@ -46,7 +48,7 @@ from llm import check_finished, json_list, make_request, named_list, parse_json,
 from synthlib import (EST_DOC_OUTPUT_TOKENS, Corpus, ask, avoid_text, check_args, collect,
                       common_flags, corpus_stats, finish, fit_budget, items_of, keyed, load_spec,
                       make_deduper, open_run, preview_estimate, sections, send, spec_framing,
-                      stage_sampling, user)
+                      split_count, stage_sampling, user)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque
@@ -459,12 +461,6 @@ def chat_questions(run, pairs, asked, per_pair, rnd, check, rejected):
             else:
                 fresh.append(item)
     return fresh, n_asked
-
-
-def split_count(n, most):
-    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
-    parts = max(1, math.ceil(n / most))
-    return [n // parts + (j < n % parts) for j in range(parts)]
 
 
 def chats_respond_and_filter(run, items, criteria):

@@ -6,7 +6,8 @@ a stage is asked and how its output is kept and counted. Only synth.py imports i
 
   asking a stage    send (requests through llm.run_requests, counted per stage for summary.json),
                     ask (a list of prompts -> replies in the same order), collect (top-up rounds:
-                    ask each group again, with a do-not-repeat list, until it has enough items)
+                    ask each group again, with a do-not-repeat list, until it has enough items),
+                    split_count (n items asked for in requests of at most so many)
   duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
   the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
                     fit_budget (whole documents within 1% of --target-tokens), corpus_stats,
@@ -93,6 +94,12 @@ def avoid_text(items, limit=100):
         return ""
     return ("\nAlready listed (do not repeat these or close variants of them):\n"
             + "\n".join(f"- {x}" for x in items[-limit:]) + "\n")
+
+
+def split_count(n, most):
+    """n as near-equal parts of at most `most`: 84 by 25 -> [21, 21, 21, 21]."""
+    parts = max(1, math.ceil(n / most))
+    return [n // parts + (j < n % parts) for j in range(parts)]
 
 
 def collect(run, stage, groups, want, build, validate, key, per_request=None, rounds=None):
