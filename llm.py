@@ -519,29 +519,6 @@ def parse_json(text):
     raise ValueError("no JSON value in the reply")
 
 
-def json_list(result, fields=()):
-    """A non-empty JSON list; with fields, a list of objects that have those fields as strings."""
-    check_finished(result)
-    items = parse_json(result["content"])
-    if isinstance(items, dict) and len(items) == 1:  # {"domains": [...]}
-        items = next(iter(items.values()))
-    if not isinstance(items, list) or not items:
-        raise ValueError("expected a non-empty JSON list")
-    # A bad item fails the whole reply (it is asked again, then failed.jsonl): dropping it here
-    # would lose it silently.
-    for k, x in enumerate(items, 1):
-        if not fields and not (isinstance(x, str) and x.strip()):
-            raise ValueError(f"item {k} is not a non-empty string: {str(x)[:60]!r}")
-        if fields and not (isinstance(x, dict) and all(
-                isinstance(x.get(f), str) and x[f].strip() for f in fields)):
-            raise ValueError(f"item {k} lacks the fields {', '.join(fields)}: {str(x)[:60]!r}")
-    return [x.strip() for x in items] if not fields else items
-
-
-def named_list(result):
-    return json_list(result, ("name", "description"))
-
-
 # -----------------------------------------------------------------------------
 # Command-line flags, spelled the same in every script that calls an endpoint
 

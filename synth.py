@@ -44,11 +44,11 @@ from types import SimpleNamespace
 
 import llm
 from common import die, fill, write_jsonl
-from llm import check_finished, json_list, make_request, named_list, parse_json, sha256_hex
+from llm import check_finished, make_request, parse_json, sha256_hex
 from synthlib import (EST_DOC_OUTPUT_TOKENS, Corpus, ask, avoid_text, check_args, collect,
-                      common_flags, corpus_stats, finish, fit_budget, items_of, keyed, load_spec,
-                      make_deduper, open_run, preview_estimate, sections, send, spec_framing,
-                      split_count, stage_sampling, user)
+                      common_flags, corpus_stats, finish, fit_budget, items_of, json_list, keyed,
+                      load_spec, make_deduper, named_list, open_run, preview_estimate, sections,
+                      send, spec_framing, split_count, stage_sampling, user)
 
 ROOT = Path(__file__).resolve().parent
 # One prompt file per stage, plus the texts filled into them (instructions.txt) and the opaque

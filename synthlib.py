@@ -7,7 +7,8 @@ a stage is asked and how its output is kept and counted. Only synth.py imports i
   asking a stage    send (requests through llm.run_requests, counted per stage for summary.json),
                     ask (a list of prompts -> replies in the same order), collect (top-up rounds:
                     ask each group again, with a do-not-repeat list, until it has enough items),
-                    split_count (n items asked for in requests of at most so many)
+                    split_count (n items asked for in requests of at most so many), json_list and
+                    named_list (the reply check of every stage that asks for a list)
   duplicates        make_deduper: exact duplicates by a hash, near duplicates by MinHash LSH
   the corpus        Corpus (documents.jsonl written as documents pass, renamed when complete),
                     fit_budget (whole documents within 1% of --target-tokens), corpus_stats,
@@ -34,8 +35,8 @@ from types import SimpleNamespace
 
 import llm
 from common import die, fill, json_object, run_info, write_jsonl
-from llm import (ingest_batch_results, make_request, open_endpoint, run_requests, sampling_for,
-                 sha256_hex)
+from llm import (check_finished, ingest_batch_results, make_request, open_endpoint, parse_json,
+                 run_requests, sampling_for, sha256_hex)
 
 
 # -----------------------------------------------------------------------------
@@ -86,6 +87,29 @@ def user(text):
 def items_of(reply):
     """The parsed list of a reply; [] for a request that failed (it is in failed.jsonl)."""
     return (reply or {}).get("value", [])
+
+
+def json_list(result, fields=()):
+    """A non-empty JSON list; with fields, a list of objects that have those fields as strings."""
+    check_finished(result)
+    items = parse_json(result["content"])
+    if isinstance(items, dict) and len(items) == 1:  # {"domains": [...]}
+        items = next(iter(items.values()))
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a non-empty JSON list")
+    # A bad item fails the whole reply (it is asked again, then failed.jsonl): dropping it here
+    # would lose it silently.
+    for k, x in enumerate(items, 1):
+        if not fields and not (isinstance(x, str) and x.strip()):
+            raise ValueError(f"item {k} is not a non-empty string: {str(x)[:60]!r}")
+        if fields and not (isinstance(x, dict) and all(
+                isinstance(x.get(f), str) and x[f].strip() for f in fields)):
+            raise ValueError(f"item {k} lacks the fields {', '.join(fields)}: {str(x)[:60]!r}")
+    return [x.strip() for x in items] if not fields else items
+
+
+def named_list(result):
+    return json_list(result, ("name", "description"))
 
 
 def avoid_text(items, limit=100):

@@ -552,7 +552,7 @@ def test_idea_references_are_read_not_dropped():
                                                           {"text": "y", "kind": "mood"}]),
                                    "finish_reason": "stop"})
     with pytest.raises(ValueError, match="item 2 lacks"):  # one bad item fails the reply
-        synth.named_list({"content": '[{"name": "a", "description": "b"}, {"name": "c"}]',
+        synthlib.named_list({"content": '[{"name": "a", "description": "b"}, {"name": "c"}]',
                           "finish_reason": "stop"})
 
 
