@@ -27,8 +27,8 @@ Ctrl-C loses only the requests in flight, and rerunning the same command resumes
       replies (validate must be pure: it runs again on each read).
 
 Also here: request bodies (sampling_for), reply checks (check_finished, parse_json) and the
-endpoint flags spelled the same in every script (add_endpoint_args, add_client_args; add_args
-adds a script's own flags from a table). The run plumbing every stage shares (die, fill,
+endpoint flags spelled the same in every script (add_endpoint_args, add_client_args,
+add_batch_args; add_args adds a script's own flags from a table). The run plumbing every stage shares (die, fill,
 run_info, write_jsonl) is in common.py.
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
@@ -554,3 +554,17 @@ def add_client_args(parser, retries_note=""):
          "for servers that load models on demand such as `transformers serve` (default: check)",
          {"action": "store_true"})])
 
+
+def add_batch_args(parser):
+    """--batch-file, --batch-max-mb, --batch-max-lines, --batch-results: the batch-file mode of
+    run_requests (write_batch_file) and ingest_batch_results, for a script that offers them."""
+    add_args(parser, [
+        ("--batch-file", "write the pending requests of the next stage to this file as OpenAI "
+         "batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when over "
+         "the limits below (default: call)", {}),
+        ("--batch-max-mb", "largest batch file part in MB (10^6 bytes); hosted batch APIs take "
+         "up to 200 (default 190)", {"type": float, "default": 190.0}),
+        ("--batch-max-lines", "most requests per batch file part; the OpenAI Batch API takes up "
+         "to 50,000 (default 50000)", {"type": int, "default": 50_000}),
+        ("--batch-results", "ingest OpenAI Batch API / vllm run-batch output files into the "
+         "cache before running (default: none)", {"nargs": "+", "metavar": "FILE"})])

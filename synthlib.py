@@ -442,17 +442,8 @@ def common_flags(max_tokens):
         ("--retry-base-delay", "first backoff in seconds; doubles per retry, with jitter, up to "
          "60 s; Retry-After wins (default 1.0)", {"type": float, "default": 1.0}),
         ("--max-rounds", "top-up / backfill rounds per stage (default 3)",
-         {"type": int, "default": 3}),
-        # llm.py's batch-file mode: open_run hands these to llm.open_endpoint
-        ("--batch-file", "write the pending requests of the next stage to this file as OpenAI "
-         "batch lines and stop, instead of calling; split into NAME.part1.jsonl, ... when over "
-         "the limits below (default: call)", {}),
-        ("--batch-max-mb", "largest batch file part in MB (10^6 bytes); hosted batch APIs take "
-         "up to 200 (default 190)", {"type": float, "default": 190.0}),
-        ("--batch-max-lines", "most requests per batch file part; the OpenAI Batch API takes up "
-         "to 50,000 (default 50000)", {"type": int, "default": 50_000}),
-        ("--batch-results", "ingest OpenAI Batch API / vllm run-batch output files into the "
-         "cache before running (default: none)", {"nargs": "+", "metavar": "FILE"})])
+         {"type": int, "default": 3})])
+    llm.add_batch_args(g)
     return parent
 
 
