@@ -7,29 +7,25 @@ model, messages, sampling, index); every reply that passes the caller's check is
 JSONL cache as it arrives; ids already in the cache are never sent again. So a crash, kill -9 or
 Ctrl-C loses only the requests in flight, and rerunning the same command resumes.
 
-  ep = open_endpoint("http://localhost:8000/v1", "my-model")       # settings; nothing is sent
+  ep = open_endpoint("http://localhost:8000/v1", "my-model")   # settings only: nothing is sent
   reqs = [make_request("answers", "my-model", [{"role": "user", "content": q}],
-                       sampling_for(0.7, 512)) for q in questions]
+                       sampling_for(0.7, 512)) for q in questions]  # {custom_id, method, url, body}
   out = run_requests(ep, reqs, "runs/x/cache/answers.jsonl", "answers", validate=None)
-  out[reqs[0]["custom_id"]]["content"]                              # read back from the cache
+  out[reqs[0]["custom_id"]]  # {custom_id, content, finish_reason, usage, model, reasoning, value}
 
-  make_request(stage, model, messages, sampling, index=0) -> {custom_id, method, url, body}
-  open_endpoint(base_url, model, ...): the API key stays in its environment variable. The first
-      run_requests with work probes GET /models and exits with one line for an unreachable
-      endpoint, a 401 (naming the variable, never the key) or an unlisted model. With
-      batch_file, pending requests are written there instead, and the run stops;
-      ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
-  run_requests(endpoint, requests, cache_path, desc, validate, ...) -> Results {custom_id: result}
-      result = {custom_id, content, finish_reason, usage, model, reasoning, value=validate(it)}.
-      A ValueError from validate asks again; HTTP 408/409/429/5xx, timeouts and connection errors
-      are retried with backoff and jitter, honouring Retry-After; after max_retries a request goes
-      to failed_path. Memory holds the requests in flight and one cache offset per id, not the
-      replies (validate must be pure: it runs again on each read).
+The first run_requests with work probes GET /models and exits with one line for an unreachable
+endpoint, a 401 (naming the key's environment variable, never the key) or an unlisted model.
+validate(result) returns the value or raises ValueError, which asks again; HTTP 408/409/429/5xx,
+timeouts and connection errors are retried with backoff and jitter, honouring Retry-After; after
+max_retries a request goes to failed_path. Memory holds the requests in flight and one cache
+offset per id, not the replies (validate must be pure: it runs again on each read). With
+open_endpoint(..., batch_file=PATH) the pending requests are written there instead and the run
+stops; ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
 
 Also here: request bodies (sampling_for), reply checks (check_finished, parse_json) and the
 endpoint flags spelled the same in every script (add_endpoint_args, add_client_args,
-add_batch_args; add_args adds a script's own flags from a table). The run plumbing every stage shares (die, fill,
-run_info, write_jsonl) is in common.py.
+add_batch_args; add_args adds a script's own flags from a table). The run plumbing every stage
+shares (die, fill, run_info, write_jsonl) is in common.py.
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
 the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
