@@ -125,6 +125,21 @@ def sub_fields(run, s):
     return {**run.names, "subdomain": s["name"], "context": s["context"], "quote": s["quote"]}
 
 
+ASSERTION_KINDS = {"behaviour", "behavior", "value", "preference", "belief", "tone"}
+# The kinds that say why: every document of the subdomain gets all of them.
+REASON_KINDS = ("value", "belief")
+
+
+def validate_assertions(result):
+    items = json_list(result, ("text", "kind"))
+    unknown = [x["kind"] for x in items if x["kind"].strip().lower() not in ASSERTION_KINDS]
+    if unknown:  # asked again rather than dropped: a dropped statement is a lost part of the spec
+        raise ValueError(f"unknown assertion kinds {unknown[:3]}")
+    return [{"text": x["text"].strip(), "kind": x["kind"].strip().lower().replace("behavior",
+                                                                                  "behaviour")}
+            for x in items]
+
+
 def validate_doc_types(result):
     """Document types with their typical length in words and whether they are internal to the
     maker (the only documents that may talk about the spec or training)."""
@@ -140,21 +155,6 @@ def validate_doc_types(result):
         out.append({"name": x["name"].strip(), "description": x["description"].strip(),
                     "length": int(length[0].replace(",", "")), "internal": internal})
     return out
-
-
-ASSERTION_KINDS = {"behaviour", "behavior", "value", "preference", "belief", "tone"}
-# The kinds that say why: every document of the subdomain gets all of them.
-REASON_KINDS = ("value", "belief")
-
-
-def validate_assertions(result):
-    items = json_list(result, ("text", "kind"))
-    unknown = [x["kind"] for x in items if x["kind"].strip().lower() not in ASSERTION_KINDS]
-    if unknown:  # asked again rather than dropped: a dropped statement is a lost part of the spec
-        raise ValueError(f"unknown assertion kinds {unknown[:3]}")
-    return [{"text": x["text"].strip(), "kind": x["kind"].strip().lower().replace("behavior",
-                                                                                  "behaviour")}
-            for x in items]
 
 
 def ideas_checker(n_assertions):
