@@ -229,7 +229,8 @@ def test_preview_runs_only_the_top_stages(tmp_path, spec_file):
         summary = json.loads((tmp_path / "o" / "summary.json").read_text())
         # each document type's typical length (400 words from the fake) sizes its documents
         assert summary["planned_documents"] == 48 and summary["est_tokens_out"] == 48 * (
-            int(400 * synthlib.TOKENS_PER_WORD) + synthlib.EST_SCRATCHPAD_TOKENS + synthlib.EST_IDEA_OUTPUT_TOKENS)
+            int(400 * synthlib.TOKENS_PER_WORD) + synthlib.EST_SCRATCHPAD_TOKENS
+            + synthlib.EST_IDEA_OUTPUT_TOKENS)
         top = dict(srv.counts)
         assert run_main(argv)[0] == 0
         assert all(srv.counts[cid] == n for cid, n in top.items())  # the top stages were reused
