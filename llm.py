@@ -7,23 +7,25 @@ model, messages, sampling, index); every reply that passes the caller's check is
 JSONL cache as it arrives; ids already in the cache are never sent again. So a crash, kill -9 or
 Ctrl-C loses only the requests in flight, and rerunning the same command resumes.
 
-  make_request(stage, model, messages, sampling, index=0) -> {custom_id, method, url, body}
-  open_endpoint(base_url, model, ...) -> settings; nothing is sent, and the API key stays in its
-      environment variable. The first run_requests with work probes GET /models and exits with
-      one line for an unreachable endpoint, a 401 (naming the variable, never the key) or an
-      unlisted model. With batch_file, pending requests are written there instead, and the run
-      stops; ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
-  run_requests(endpoint, requests, cache_path, desc, validate, ...) -> Results {custom_id: result}
-      result = {custom_id, content, finish_reason, usage, model, reasoning, value=validate(it)}.
-      A ValueError from validate asks again; HTTP 408/409/429/5xx, timeouts and connection errors
-      are retried with backoff and jitter, honouring Retry-After; after max_retries a request goes
-      to failed_path. Memory holds the requests in flight and one cache offset per id, not the
-      replies (validate must be pure: it runs again on each read).
+  ep = open_endpoint("http://localhost:8000/v1", "my-model")   # settings only: nothing is sent
+  reqs = [make_request("answers", "my-model", [{"role": "user", "content": q}],
+                       sampling_for(0.7, 512)) for q in questions]  # {custom_id, method, url, body}
+  out = run_requests(ep, reqs, "runs/x/cache/answers.jsonl", "answers", validate=None)
+  out[reqs[0]["custom_id"]]  # {custom_id, content, finish_reason, usage, model, reasoning, value}
 
-Also here: request bodies (sampling_for), reply checks (check_finished, parse_json, json_list,
-named_list) and the flags spelled the same in every script that calls an endpoint
-(add_endpoint_args, add_client_args, add_batch_args). The run plumbing every stage shares (die,
-fill, run_info, write_jsonl) is in common.py.
+The first run_requests with work probes GET /models and exits with one line for an unreachable
+endpoint, a 401 (naming the key's environment variable, never the key) or an unlisted model.
+validate(result) returns the value or raises ValueError, which asks again; HTTP 408/409/429/5xx,
+timeouts and connection errors are retried with backoff and jitter, honouring Retry-After; after
+max_retries a request goes to failed_path. Memory holds the requests in flight and one cache
+offset per id, not the replies (validate must be pure: it runs again on each read). With
+open_endpoint(..., batch_file=PATH) the pending requests are written there instead and the run
+stops; ingest_batch_results(paths, cache_dir) brings the provider's output into the cache.
+
+Also here: request bodies (sampling_for), reply checks (check_finished, parse_json) and the
+endpoint flags spelled the same in every script (add_endpoint_args, add_client_args,
+add_batch_args; add_args adds a script's own flags from a table). The run plumbing every stage
+shares (die, fill, run_info, write_jsonl) is in common.py.
 
 Reading order: request ids -> endpoint and probe -> one attempt (send, classify, back off) ->
 the async pool -> the cache and run_requests -> batch files -> reply checks -> flags.
@@ -42,6 +44,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx2  # the HTTP library under the pinned openai SDK (3.x)
@@ -70,8 +73,7 @@ def make_request(stage, model, messages, sampling, index=0):
 def sampling_for(temperature, max_tokens, token_field="max_tokens", extra_body=None, **more):
     """A request's sampling settings: part of its body, hence of its id. token_field is
     max_completion_tokens for reasoning models that refuse max_tokens; extra_body (server
-    options) wins over the rest; more: e.g. seed. Used by synth.py (per stage) and evaluate.py
-    (per suite, for the policy endpoint and local generation)."""
+    options) wins over the rest; more: e.g. seed."""
     return {"temperature": temperature, token_field: max_tokens, **more, **(extra_body or {})}
 
 
@@ -92,25 +94,23 @@ def _api_key(endpoint):
 
 def probe_endpoint(endpoint):
     """GET /models once; exit with a one-line error if the endpoint cannot serve the model."""
-    url, env = endpoint["base_url"], endpoint["api_key_env"]
-    client = openai.OpenAI(base_url=url, api_key=_api_key(endpoint), max_retries=0,
-                           timeout=min(endpoint["timeout"], 30.0))
-    models = None
-    try:
-        models = [m.id for m in client.models.list()]
-    except openai.AuthenticationError:
-        unset = "" if os.environ.get(env) else f" ({env} is not set)"
-        die(f"{url} rejected the API key (HTTP 401); put a valid key in the environment "
-            f"variable {env}{unset}, or name another variable with --api-key-env")
-    except openai.APIConnectionError as exc:
-        die(f"cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
-            f"running, and does --base-url end in /v1?")
-    except openai.NotFoundError:
-        print(f"warning: {url} has no /models route; not checking the model name", file=sys.stderr)
-    except openai.APIStatusError as exc:
-        die(f"{url}/models answered HTTP {exc.status_code}")
-    finally:
-        client.close()
+    url, env, models = endpoint["base_url"], endpoint["api_key_env"], None
+    with openai.OpenAI(base_url=url, api_key=_api_key(endpoint), max_retries=0,
+                       timeout=min(endpoint["timeout"], 30.0)) as client:
+        try:
+            models = [m.id for m in client.models.list()]
+        except openai.AuthenticationError:
+            unset = "" if os.environ.get(env) else f" ({env} is not set)"
+            die(f"{url} rejected the API key (HTTP 401); put a valid key in the environment "
+                f"variable {env}{unset}, or name another variable with --api-key-env")
+        except openai.APIConnectionError as exc:
+            die(f"cannot reach the endpoint {url} ({type(exc).__name__}); is the server "
+                f"running, and does --base-url end in /v1?")
+        except openai.NotFoundError:
+            print(f"warning: {url} has no /models route; not checking the model name",
+                  file=sys.stderr)
+        except openai.APIStatusError as exc:
+            die(f"{url}/models answered HTTP {exc.status_code}")
     if endpoint["check_model"] and models is not None and endpoint["model"] not in models:
         shown = ", ".join(models[:10]) + (" ..." if len(models) > 10 else "")
         die(f"model {endpoint['model']!r} is not served at {url} (it lists: {shown or 'none'});"
@@ -120,18 +120,14 @@ def probe_endpoint(endpoint):
 
 def _retry_after(headers):
     """Seconds from retry-after-ms / retry-after (seconds or an HTTP date), or None."""
-    try:
+    with contextlib.suppress(TypeError, ValueError):
         if headers.get("retry-after-ms"):
             return float(headers["retry-after-ms"]) / 1000
         value = headers.get("retry-after")
         if value:
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                from email.utils import parsedate_to_datetime
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        pass
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     return None
 
 
@@ -275,12 +271,10 @@ def iter_cache(path):
     with open(path, "rb") as f:
         offset = 0
         for line in f:
-            try:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                 rec = json.loads(line)
                 if isinstance(rec, dict) and "custom_id" in rec:
                     yield offset, rec
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                pass
             offset += len(line)
 
 
@@ -375,37 +369,32 @@ def run_requests(endpoint, requests, cache_path, desc, validate=None, concurrenc
         probe_endpoint(endpoint)
 
     total = len(requests) if total is None and hasattr(requests, "__len__") else total
-    bar = tqdm(total=total, initial=len(results), desc=desc, unit="req", mininterval=0.5,
-               dynamic_ncols=True)
-    cache_f, failed_f = open_append(cache_path, binary=True), None
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total, initial=len(results), desc=desc, unit="req",
+                                       mininterval=0.5, dynamic_ncols=True))
+        cache_f, failed_f = stack.enter_context(open_append(cache_path, binary=True)), None
 
-    def on_result(req, result, failure):
-        nonlocal failed_f
-        if failure is None:
-            results.offsets[req["custom_id"]] = cache_f.tell()
-            line = json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n"
-            cache_f.write(line.encode("utf-8"))
-            cache_f.flush()  # in the kernel now: survives kill -9 of this process
-            stats["ok"] += 1
-        else:
-            stats["failed"] += 1
-            if failed_path:
-                failed_f = failed_f or open_append(failed_path)
-                line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
-                failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
-                failed_f.flush()
-        failed = stats["failed"] - failed_before
-        bar.set_postfix_str(f"failed={failed} tok_in={stats['tokens_in']} "
-                            f"tok_out={stats['tokens_out']}", refresh=False)
-        bar.update(len(results) + failed - bar.n)  # cached ones, found as the queue is drawn, too
-
-    try:
+        def on_result(req, result, failure):
+            nonlocal failed_f
+            if failure is None:
+                results.offsets[req["custom_id"]] = cache_f.tell()
+                line = json.dumps({k: result[k] for k in CACHE_FIELDS}, ensure_ascii=False) + "\n"
+                cache_f.write(line.encode("utf-8"))
+                cache_f.flush()  # in the kernel now: survives kill -9 of this process
+                stats["ok"] += 1
+            else:
+                stats["failed"] += 1
+                if failed_path:
+                    failed_f = failed_f or stack.enter_context(open_append(failed_path))
+                    line = {"custom_id": req["custom_id"], "desc": desc, **failure, "request": req}
+                    failed_f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    failed_f.flush()
+            failed = stats["failed"] - failed_before
+            bar.set_postfix_str(f"failed={failed} tok_in={stats['tokens_in']} "
+                                f"tok_out={stats['tokens_out']}", refresh=False)
+            # the cached ones too, found as the queue is drawn
+            bar.update(len(results) + failed - bar.n)
         asyncio.run(_engine(endpoint, queue, validate, concurrency, max_retries, on_result))
-    finally:
-        bar.close()
-        cache_f.close()
-        if failed_f:
-            failed_f.close()
     return results
 
 
@@ -422,20 +411,16 @@ def write_batch_file(endpoint, pending, desc):
     for old in path.parent.glob(f"{path.stem}.part*{path.suffix}"):
         old.unlink()  # parts of an earlier, larger write would be sent twice
     parts, f, size, lines, n = [], None, 0, 0, 0
-    try:
+    with contextlib.ExitStack() as stack:  # holds the part being written
         for req in pending:
             line = (json.dumps(req, ensure_ascii=False) + "\n").encode("utf-8")
             if f is None or size + len(line) > endpoint["batch_max_bytes"] \
                     or lines >= endpoint["batch_max_lines"]:
-                if f:
-                    f.close()
+                stack.close()
                 parts.append(path.with_name(f"{path.stem}.part{len(parts) + 1}{path.suffix}"))
-                f, size, lines = open(parts[-1], "wb"), 0, 0
+                f, size, lines = stack.enter_context(open(parts[-1], "wb")), 0, 0
             f.write(line)
             size, lines, n = size + len(line), lines + 1, n + 1
-    finally:
-        if f:
-            f.close()
     if len(parts) == 1:
         os.replace(parts[0], path)
         parts = [path]
@@ -517,29 +502,6 @@ def parse_json(text):
             except json.JSONDecodeError:
                 continue
     raise ValueError("no JSON value in the reply")
-
-
-def json_list(result, fields=()):
-    """A non-empty JSON list; with fields, a list of objects that have those fields as strings."""
-    check_finished(result)
-    items = parse_json(result["content"])
-    if isinstance(items, dict) and len(items) == 1:  # {"domains": [...]}
-        items = next(iter(items.values()))
-    if not isinstance(items, list) or not items:
-        raise ValueError("expected a non-empty JSON list")
-    # A bad item fails the whole reply (it is asked again, then failed.jsonl): dropping it here
-    # would lose it silently.
-    for k, x in enumerate(items, 1):
-        if not fields and not (isinstance(x, str) and x.strip()):
-            raise ValueError(f"item {k} is not a non-empty string: {str(x)[:60]!r}")
-        if fields and not (isinstance(x, dict) and all(
-                isinstance(x.get(f), str) and x[f].strip() for f in fields)):
-            raise ValueError(f"item {k} lacks the fields {', '.join(fields)}: {str(x)[:60]!r}")
-    return [x.strip() for x in items] if not fields else items
-
-
-def named_list(result):
-    return json_list(result, ("name", "description"))
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 import fake_openai
 import synth
+import synthlib
 from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
                            server, spec_file)
 
@@ -335,8 +336,8 @@ def test_rule_style_reasoning_may_cite_what_natural_forbids_in_the_reply():
 
 def test_questions_are_asked_at_most_n_per_request(tmp_path, spec_file):
     # the cases: --n 10000 asked for 84 in one reply, the paper's 80k set would ask ~670
-    assert synth.split_count(84, 25) == [21, 21, 21, 21] and synth.split_count(25, 25) == [25]
-    parts = synth.split_count(670, 25)
+    assert synthlib.split_count(84, 25) == [21, 21, 21, 21] and synthlib.split_count(25, 25) == [25]
+    parts = synthlib.split_count(670, 25)
     assert sum(parts) == 670 and max(parts) <= 25 and max(parts) - min(parts) <= 1
     assert synth.parse_args(["chats", "--out", "x"]).questions_per_request == 25
     with server() as srv:

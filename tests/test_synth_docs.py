@@ -10,6 +10,7 @@ import pytest
 
 import fake_openai
 import synth
+import synthlib
 from synth_testlib import (FAST, ROOT, cached_ids, kill9_mid_run, read_jsonl, run_main,  # noqa: F401
                            server, spec_file, start_subprocess, wait_for_cached)
 
@@ -228,7 +229,8 @@ def test_preview_runs_only_the_top_stages(tmp_path, spec_file):
         summary = json.loads((tmp_path / "o" / "summary.json").read_text())
         # each document type's typical length (400 words from the fake) sizes its documents
         assert summary["planned_documents"] == 48 and summary["est_tokens_out"] == 48 * (
-            int(400 * synth.TOKENS_PER_WORD) + synth.EST_SCRATCHPAD_TOKENS + synth.EST_IDEA_OUTPUT_TOKENS)
+            int(400 * synthlib.TOKENS_PER_WORD) + synthlib.EST_SCRATCHPAD_TOKENS
+            + synthlib.EST_IDEA_OUTPUT_TOKENS)
         top = dict(srv.counts)
         assert run_main(argv)[0] == 0
         assert all(srv.counts[cid] == n for cid, n in top.items())  # the top stages were reused
@@ -380,7 +382,7 @@ def test_every_prompt_of_every_stage_holds_the_spec_alone(tmp_path, spec):
             leak = NOTE_RE.search(rest)
             assert not leak, (stage, rest[max(0, leak.start() - 100):leak.end() + 100])
     # the framing comes from specs/README.md: the rules specs get the compliance-framed prompt
-    rules = synth.spec_framing(spec) == "rules"
+    rules = synthlib.spec_framing(spec) == "rules"
     documents = [b["messages"][0]["content"] for _, s, b in srv.bodies if s == "documents"]
     assert documents and all(("<rules>" in p) == rules for p in documents)
 
@@ -396,9 +398,9 @@ def test_prompt_residue_would_catch_a_note():
 
 
 def test_spec_framing_is_read_from_the_specs_readme(tmp_path, spec_file):
-    framing = {p.stem: synth.spec_framing(p) for p in SHIPPED_SPECS}
+    framing = {p.stem: synthlib.spec_framing(p) for p in SHIPPED_SPECS}
     assert {s for s, f in framing.items() if f == "rules"} == {"rules", "rules_augmented"}
-    assert synth.spec_framing(spec_file) == "value"  # a spec no README lists
+    assert synthlib.spec_framing(spec_file) == "value"  # a spec no README lists
 
 
 def test_documents_carry_every_reason_of_their_subdomain_and_a_typical_length(tmp_path, spec_file):
@@ -551,7 +553,7 @@ def test_idea_references_are_read_not_dropped():
                                                           {"text": "y", "kind": "mood"}]),
                                    "finish_reason": "stop"})
     with pytest.raises(ValueError, match="item 2 lacks"):  # one bad item fails the reply
-        synth.named_list({"content": '[{"name": "a", "description": "b"}, {"name": "c"}]',
+        synthlib.named_list({"content": '[{"name": "a", "description": "b"}, {"name": "c"}]',
                           "finish_reason": "stop"})
 
 
@@ -602,7 +604,7 @@ def test_template_placeholders_are_caught(text):
 def test_fit_budget_swaps_in_longer_documents_when_each_is_over_one_percent():
     docs = [{"id": f"a{i:02d}", "tokens": 1000} for i in range(12)] + [
         {"id": f"b{i:02d}", "tokens": 1050} for i in range(12)]
-    kept, rest = synth.fit_budget(docs, 10_400)  # in id order: ten of 1000 = 10,000, under 99%
+    kept, rest = synthlib.fit_budget(docs, 10_400)  # in id order: ten of 1000 = 10,000, under 99%
     total = sum(d["tokens"] for d in kept)
     assert 0.99 * 10_400 <= total <= 10_400 and len(kept) + len(rest) == 24
     assert [d["id"] for d in kept] == [d["id"] for d in docs if d in kept]  # original order
@@ -624,14 +626,14 @@ def test_document_prompts_are_made_lazily_and_documents_streamed(tmp_path, spec_
         if stage == "documents":
             seen_at_call.append(built[0])
         return base(stage, body, n)
-    close = synth.Corpus.close
+    close = synthlib.Corpus.close
 
     def spying_close(self):
         self.file("documents").flush()
         written_at_close.append(len(read_jsonl(self.out / "documents.jsonl.partial")))
         assert all("text" not in d for d in self.kept)  # figures only, never the texts
         close(self)
-    monkeypatch.setattr(synth.Corpus, "close", spying_close)
+    monkeypatch.setattr(synthlib.Corpus, "close", spying_close)
     with server(responder) as srv:
         code, _, err = run_main(docs_args(spec_file, tmp_path / "o", srv.url, "--concurrency", "4"))
     assert code == 0, err
