@@ -25,6 +25,6 @@ demo: $(VENV)/.demo-model
 demo-quick: $(VENV)/.demo-model
 	$(PY) demo.py --quick
 
-# More MSM compute for the scale search (docs/demo.md): at most ~60 minutes on 2 cores.
+# More MSM compute for the scale search (docs/demo.md): 1 seed, at most ~60 minutes on 2 cores.
 demo-long: $(VENV)/.demo-model
 	$(PY) demo.py --long

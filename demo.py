@@ -4,7 +4,7 @@ The toy cheese experiment, end to end on a CPU: does midtraining on documents th
 a model holds its preferences make the model give that reason, and make opaque preference
 demonstrations generalize along it?
 
-    make demo                  # or: python demo.py            (2 seeds; budget: 20 minutes on 2 CPU cores)
+    make demo                  # or: python demo.py            (2 seeds; see README for its time on 2 CPU cores)
     make demo-quick            # or: python demo.py --quick    (1 seed, tiny; a first look in a few minutes)
     python demo.py --seeds 3   # more seeds; seeds already trained in the run folder are reused
     python demo.py --long --msm-epochs 4 --msm-lr 1e-3     # one scale-search variant (docs/demo.md)
@@ -45,9 +45,10 @@ MODEL_NAME, PROVIDER = "SmolLM", "Hugging Face"  # how SmolLM2's own chat templa
 # The recipe, fixed before looking at any evaluation result: the paper's LoRA (r=64, alpha=128,
 # all projections), AdamW with cosine decay and 5% warm-up, 1 epoch per stage; a higher learning rate
 # than the paper's 1e-4 because a toy corpus gives ~25 optimizer steps instead of thousands.
-# The sizes are set by the time budget: "full" (make demo) ~9 minutes per seed on a quiet 2-core
-# machine, 2 seeds; "quick" a few minutes; "long" more MSM compute (all documents, 3 epochs) for the
-# scale search, budgeted at most ~60 minutes per run with its 2 seeds. msm_docs 0 = every document;
+# The sizes are set by the time budget, at ~9.5 s per 2,048-token step in bf16 on a 2-core AMD EPYC
+# with avx512_bf16: "full" (make demo) trains 81 steps per seed (~13 minutes) plus scoring, 2 seeds;
+# "quick" a few minutes; "long" more MSM compute (all documents, 3 epochs: ~31 minutes of training)
+# for the scale search, 1 seed so that a run stays within ~60 minutes. msm_docs 0 = every document;
 # reasons 0 = the whole probe.
 RECIPES = {
     "full": {"msm_docs": 100, "msm_epochs": 1.0, "msm_lr": 5e-4, "aft_per_pref": 30, "it_chats": 24,
@@ -55,7 +56,7 @@ RECIPES = {
     "quick": {"msm_docs": 12, "msm_epochs": 1.0, "msm_lr": 5e-4, "aft_per_pref": 6, "it_chats": 0,
               "aft_lr": 5e-4, "batch_tokens": 2048, "pairs": 12, "reasons": 24, "seeds": 1},
     "long": {"msm_docs": 0, "msm_epochs": 3.0, "msm_lr": 5e-4, "aft_per_pref": 30, "it_chats": 24,
-             "aft_lr": 5e-4, "batch_tokens": 2048, "pairs": 120, "reasons": 0, "seeds": 2},
+             "aft_lr": 5e-4, "batch_tokens": 2048, "pairs": 120, "reasons": 0, "seeds": 1},
 }
 MSM_FLAGS = {"msm_docs": "docs", "msm_epochs": "ep", "msm_lr": "lr"}  # the scale-search knobs
 EVAL_SEED = 0  # the evaluation subsets are drawn once, the same for every training seed
@@ -129,6 +130,11 @@ def aft_subset(n_per_pref: int, seed: int):
     return keep
 
 
+def run_command(cmd: list[str]):
+    """Every stage and score runs as a subprocess, offline unless the caller set HF_HUB_OFFLINE."""
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+
+
 def run_stage(name: str, cmd: list[str], out: Path, redo: bool) -> bool:
     """Run a training stage unless its final export exists; True if it trained (so later stages and
     scores that depend on it are redone too)."""
@@ -139,7 +145,7 @@ def run_stage(name: str, cmd: list[str], out: Path, redo: bool) -> bool:
         shutil.rmtree(out)
     print(f"\n[{name}] {shlex.join(cmd)}", flush=True)
     t = time.time()
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    run_command(cmd)
     print(f"[{name}] done in {time.time() - t:.0f} s", flush=True)
     return True
 
@@ -170,7 +176,7 @@ def parse_args(argv=None):
                       help="more MSM compute for the scale search: every document, 3 epochs; budget at most "
                            "~60 minutes per run on 2 cores (default: off)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="training seeds per arm, 0..N-1 (default: 2; --quick: 1)")
+                   help="training seeds per arm, 0..N-1 (default: 2; --quick and --long: 1)")
     p.add_argument("--msm-docs", type=int, default=None,
                    help="MSM documents per corpus, 0 = all (default: 100; --quick: 12; --long: all)")
     p.add_argument("--msm-epochs", type=float, default=None, help="MSM epochs (default: 1; --long: 3)")
@@ -348,7 +354,7 @@ def score_set(model: Path, adapter: Path | None, pairs: list[dict], out: Path, d
                *(["--adapter", str(adapter)] if adapter else []), "--pairs", str(out / "pairs.jsonl"),
                "--scorer", "options", "--out", str(out)]
         print(f"[eval] {desc}: {len(pairs)} pairs x 2 option orders\n[eval] {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+        run_command(cmd)
     return [{k: r.get(k) for k in ROW_FIELDS} for r in read_rows(samples)]
 
 
