@@ -1,5 +1,5 @@
-"""evaluate.py: scorers, scenarios, graders, resume, regrade and report, on the tiny model and a local
-scripted OpenAI-compatible server (tests/fake_openai.py, spoken to by llm.py's engine)."""
+"""evaluate.py (with report.py): scorers, scenarios, graders, resume, regrade and report, on the tiny
+model and a local scripted OpenAI-compatible server (tests/fake_openai.py, spoken to by llm.py's engine)."""
 import json
 import re
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate as ev
+import report
 from fake_openai import start_server
 
 
@@ -542,3 +543,5 @@ def test_report_table_and_png(tmp_path):
     assert cells[0]["k"] == 2 and abs(cells[0]["sem"] - 0.05) < 1e-12
     with pytest.raises(SystemExit):
         ev.main(["report", *runs, "--out", str(tmp_path / "rep2"), "--labels", "a", "b"])
+    report.main([*runs, "--out", str(tmp_path / "rep3"), "--paper", "cheese"])  # python report.py: the same report
+    assert (tmp_path / "rep3" / "report.md").read_text() == md
