@@ -771,13 +771,14 @@ def open_policy(args) -> dict:
 
 
 def sampling_for(args, suite: str, key: str, endpoint: bool) -> dict:
-    samples, temperature, max_tokens = SUITE_DEFAULTS[suite]
-    s = {"temperature": temperature if args.temperature is None else args.temperature,
-         "max_tokens": max_tokens if args.max_tokens is None else args.max_tokens,
-         "seed": item_seed(args.seed, key)}
-    if endpoint:
-        s[args.token_field] = s.pop("max_tokens")
-    return {**s, **args.policy_extra} if endpoint else s
+    """A sample's settings (the flags, else the suite's SUITE_DEFAULTS) and its own seed, as the
+    project's one request builder makes them; an endpoint also gets --token-field and
+    --policy-extra-body."""
+    _, temperature, max_tokens = SUITE_DEFAULTS[suite]
+    return llm.sampling_for(temperature if args.temperature is None else args.temperature,
+                            max_tokens if args.max_tokens is None else args.max_tokens,
+                            args.token_field if endpoint else "max_tokens", args.policy_extra if endpoint else None,
+                            seed=item_seed(args.seed, key))
 
 
 def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict], cache: Path, desc: str) -> dict:
