@@ -757,7 +757,7 @@ def open_policy(args) -> dict:
         if args.model or args.adapter:
             die("give either --model/--adapter (a local model) or --policy-base-url, not both")
         ep = llm.open_endpoint(args.policy_base_url, args.policy_model, api_key_env=args.policy_api_key_env,
-                                 timeout=args.timeout, check_model=not args.no_model_check)
+                               timeout=args.timeout, check_model=not args.no_model_check)
         return {"kind": "endpoint", "endpoint": ep, "id": args.policy_model,
                 "info": {"kind": "endpoint", "base_url": args.policy_base_url, "model": args.policy_model}}
     if not (args.model or args.adapter):
@@ -781,29 +781,6 @@ def sampling_for(args, suite: str, key: str, endpoint: bool) -> dict:
                             seed=item_seed(args.seed, key))
 
 
-def generate_local_cached(args, policy: dict, items: list[dict], reqs: list[dict], cache: Path, desc: str) -> dict:
-    results = {cid: recs[0] for cid, recs in llm.load_cache(cache).items()}
-    pending, seen = [], set()
-    for it, req in zip(items, reqs):
-        if req["custom_id"] not in results and req["custom_id"] not in seen:
-            seen.add(req["custom_id"])
-            pending.append((it, req))
-    if not pending:
-        return results
-    s = pending[0][0]["sampling"]  # one temperature and budget per run
-    prompts = [local_policy.render(policy["tok"], it["prompt"], args.template_kwargs) for it, _ in pending]
-    with llm.open_append(cache) as f:
-        def on_batch(idx, res):
-            for i in idx:
-                rec = {"custom_id": pending[i][1]["custom_id"], "model": policy["id"], "reasoning": None, **res[i]}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                results[rec["custom_id"]] = rec
-            f.flush()  # a killed run keeps every finished batch
-        local_policy.generate_texts(policy["net"], policy["tok"], prompts, s["max_tokens"], s["temperature"],
-                       batch_size=args.batch_size, seed=item_seed(args.seed, "local"), on_batch=on_batch, desc=desc)
-    return results
-
-
 def generate(args, policy: dict, items: list[dict], desc: str) -> list[dict]:
     """Fill response / reasoning / finish_reason / seed / error into each item (cached by request id)."""
     reqs = [llm.make_request("policy", policy["id"], it["prompt"], it["sampling"], it["index"]) for it in items]
@@ -811,9 +788,10 @@ def generate(args, policy: dict, items: list[dict], desc: str) -> list[dict]:
     failed = cache.parent / "policy_failed.jsonl"
     if policy["kind"] == "endpoint":
         results = llm.run_requests(policy["endpoint"], reqs, cache, desc, concurrency=args.concurrency,
-                                     max_retries=args.max_retries, failed_path=failed)
+                                   max_retries=args.max_retries, failed_path=failed)
     else:
-        results = generate_local_cached(args, policy, items, reqs, cache, desc)
+        results = local_policy.generate_cached(policy["net"], policy["tok"], reqs, cache, desc, args.template_kwargs,
+                                               args.batch_size, item_seed(args.seed, "local"))
     reasons = failure_reasons(failed)
     for it, req in zip(items, reqs):
         r = results.get(req["custom_id"])
@@ -844,7 +822,7 @@ def open_grader(args):
     if not args.grader_model:
         return None
     return llm.open_endpoint(args.grader_base_url, args.grader_model, api_key_env=args.grader_api_key_env,
-                               timeout=args.timeout, check_model=not args.no_model_check)
+                             timeout=args.timeout, check_model=not args.no_model_check)
 
 
 def grade(args, grader, jobs: list[tuple], parse, desc: str):
@@ -862,7 +840,7 @@ def grade(args, grader, jobs: list[tuple], parse, desc: str):
     cache = Path(args.out) / "cache" / "grader.jsonl"
     failed = cache.parent / "grader_failed.jsonl"
     results = llm.run_requests(grader, reqs, cache, desc, validate=validate,
-                                 concurrency=args.concurrency, max_retries=args.grader_retries, failed_path=failed)
+                               concurrency=args.concurrency, max_retries=args.grader_retries, failed_path=failed)
     reasons = failure_reasons(failed)
     for (it, _), req in zip(jobs, reqs):
         r = results.get(req["custom_id"])

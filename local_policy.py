@@ -3,12 +3,13 @@ local_policy.py: the model under test, run in this process (evaluate.py's --mode
 
 evaluate.py asks three things of a local model: load it (transformers, plus a PEFT LoRA adapter
 merged only where that is exact; its chat template, or a plain "User: / Assistant:" one for a base
-model), sample replies (generate_texts: the values --scorer generate, agentic and openqa suites,
-cached like endpoint replies), and score (letter_probs for the values logprob scorer,
-continuation_logprobs for its options scorer). The rest is speed and precision, not the method:
-batches sorted by length and left-padded with explicit positions, the prompt prefix every sequence
-shares run once and its KV cache reused by every batch, and the output layer run in fp32 where the
-model allows it (bf16 logits add noise of the size of the effects being measured).
+model), sample replies (generate_cached, for the values --scorer generate, agentic and openqa
+suites: cached in llm.py's file format, like endpoint replies), and score (letter_probs for the
+values logprob scorer, continuation_logprobs for its options scorer). The rest is speed and
+precision, not the method: batches sorted by length and left-padded with explicit positions, the
+prompt prefix every sequence shares run once and its KV cache reused by every batch, and the
+output layer run in fp32 where the model allows it (bf16 logits add noise of the size of the
+effects being measured).
 
 Used by evaluate.py (and its tests); the suites, graders and run folders live there.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import llm  # the cache file format local replies share with endpoint replies
 from common import die
 from midtrain import check_model_path, pick_dtype
 
@@ -202,6 +204,31 @@ def generate_texts(net, tok, prompts: list[str], max_new_tokens: int, temperatur
             if on_batch:
                 on_batch(idx, results)
             bar.update(len(idx))
+    return results
+
+
+def generate_cached(net, tok, reqs: list[dict], cache, desc: str, template_kwargs: dict | None = None,
+                    batch_size: int = 8, seed: int = 0) -> dict:
+    """llm.run_requests for the local model: replies to chat requests (llm.make_request's), cached
+    in the same file format -> {custom_id: record}. Only requests not in the cache are sampled, and
+    each batch is appended as it finishes, so a killed run keeps every finished batch. One
+    temperature and token budget per call (the first pending request's)."""
+    results = {cid: recs[0] for cid, recs in llm.load_cache(cache).items()}
+    pending = list({r["custom_id"]: r for r in reqs if r["custom_id"] not in results}.values())
+    if not pending:
+        return results
+    body = pending[0]["body"]
+    prompts = [render(tok, r["body"]["messages"], template_kwargs) for r in pending]
+    with llm.open_append(cache) as f:
+        def on_batch(idx, res):
+            for i in idx:
+                rec = {"custom_id": pending[i]["custom_id"], "model": pending[i]["body"]["model"], "reasoning": None,
+                       **res[i]}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                results[rec["custom_id"]] = rec
+            f.flush()
+        generate_texts(net, tok, prompts, body["max_tokens"], body["temperature"], batch_size=batch_size, seed=seed,
+                       on_batch=on_batch, desc=desc)
     return results
 
 
