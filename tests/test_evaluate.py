@@ -1,5 +1,6 @@
-"""evaluate.py: scorers, scenarios, graders, resume, regrade and report, on the tiny model and a local
-scripted OpenAI-compatible server (tests/fake_openai.py, spoken to by llm.py's engine)."""
+"""evaluate.py (with local_policy.py and report.py): scorers, scenarios, graders, resume, regrade and
+report, on the tiny model and a local scripted OpenAI-compatible server (tests/fake_openai.py, spoken
+to by llm.py's engine)."""
 import json
 import re
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 import evaluate as ev
+import local_policy as lp
+import report
 from fake_openai import start_server
 
 
@@ -40,10 +43,10 @@ def train_letters(net, tok, pairs, target, steps=60, max_steps=300):
     prompts, letters = [], []
     for p in pairs:
         for s in (False, True):
-            prompts.append(ev.render(tok, ev.choice_messages(p, s)))
+            prompts.append(lp.render(tok, ev.choice_messages(p, s)))
             letters.append(target(p, s))
-    ids = ev.letter_token_ids(tok, prompts[0])
-    x, mask, pos = ev.left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in prompts], tok.pad_token_id)
+    ids = lp.letter_token_ids(tok, prompts[0])
+    x, mask, pos = lp.left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in prompts], tok.pad_token_id)
     y = torch.tensor([ids["AB".index(letter)] for letter in letters])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     net.train()
@@ -62,7 +65,7 @@ def train_letters(net, tok, pairs, target, steps=60, max_steps=300):
 
 # ------------------------------------------------------------------------------ logprob scorer
 def test_logprob_prefers_the_option_the_model_was_trained_to_prefer(tiny_model):
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
     before = ev.summarize_values(ev.score_pairs(net, tok, PAIRS, batch_size=4))
     assert 0.3 < before["mean_p_aligned"] < 0.7  # a random model has no preference
     assert train_letters(net, tok, PAIRS, lambda p, s: ev.aligned_letter(p, s)) < 0.1
@@ -75,7 +78,7 @@ def test_logprob_prefers_the_option_the_model_was_trained_to_prefer(tiny_model):
 
 def test_logprob_is_order_debiased(tiny_model):
     """A model trained to always answer "A" prefers neither option: p_aligned ~ 0.5 on every pair."""
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
     train_letters(net, tok, PAIRS, lambda p, s: "A")
     rows = ev.score_pairs(net, tok, PAIRS, batch_size=3)
     s = ev.summarize_values(rows)
@@ -87,14 +90,14 @@ def test_logprob_is_order_debiased(tiny_model):
 
 def test_batched_scores_equal_one_at_a_time(tiny_model):
     """Left padding, position ids and the shared-prefix KV cache change nothing (fp32, 1e-4)."""
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
-    prompts = [ev.render(tok, ev.choice_messages(p, s)) for p in PAIRS for s in (False, True)]
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
+    prompts = [lp.render(tok, ev.choice_messages(p, s)) for p in PAIRS for s in (False, True)]
     lengths = {len(tok(p)["input_ids"]) for p in prompts}
     assert max(lengths) - min(lengths) > 10  # real padding in a batch
-    ids = ev.letter_token_ids(tok, prompts[0])
-    single = torch.cat([ev.letter_probs(net, tok, [p], ids, 1, None) for p in prompts])
+    ids = lp.letter_token_ids(tok, prompts[0])
+    single = torch.cat([lp.letter_probs(net, tok, [p], ids, 1, None) for p in prompts])
     for bs in (4, 12, 5):  # batches of several prompts also share the prompts' common prefix (KV cache)
-        batched = ev.letter_probs(net, tok, prompts, ids, bs, None)
+        batched = lp.letter_probs(net, tok, prompts, ids, bs, None)
         assert torch.allclose(batched, single, atol=1e-4), bs
     for answer in ("letter", "option"):
         rows_1 = ev.score_pairs(net, tok, PAIRS, batch_size=1, answer=answer)
@@ -104,10 +107,10 @@ def test_batched_scores_equal_one_at_a_time(tiny_model):
 
 def test_continuation_logprobs_match_a_plain_forward(tiny_model):
     """Batched, left-padded, prefix-cached continuation scores == log-softmax of one unpadded forward."""
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
-    prompts = [ev.render(tok, ev.choice_messages(p, False, answer="option")) for p in PAIRS]
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
+    prompts = [lp.render(tok, ev.choice_messages(p, False, answer="option")) for p in PAIRS]
     conts = [p["option_a"] for p in PAIRS]
-    got = ev.continuation_logprobs(net, tok, prompts, conts, batch_size=4, desc=None)
+    got = lp.continuation_logprobs(net, tok, prompts, conts, batch_size=4, desc=None)
     for g, prompt, cont in zip(got, prompts, conts):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         c_ids = tok(cont, add_special_tokens=False)["input_ids"]
@@ -120,11 +123,11 @@ def test_continuation_logprobs_match_a_plain_forward(tiny_model):
 def test_option_scorer_prefers_the_reply_the_model_was_trained_to_give(tiny_model):
     """Train the tiny model to reply with the aligned option's text (either order): the option
     scorer, which reads no letters, must then prefer the aligned option on every pair."""
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
     before = ev.summarize_values(ev.score_pairs(net, tok, PAIRS, batch_size=4, answer="option"))
-    texts = [ev.render(tok, ev.choice_messages(p, s, answer="option")) + (p["option_" + p["aligned"]]) + "<|im_end|>"
+    texts = [lp.render(tok, ev.choice_messages(p, s, answer="option")) + (p["option_" + p["aligned"]]) + "<|im_end|>"
              for p in PAIRS for s in (False, True)]
-    x, mask, pos = ev.left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    x, mask, pos = lp.left_pad([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     net.train()
     for _ in range(40):
@@ -140,12 +143,12 @@ def test_option_scorer_prefers_the_reply_the_model_was_trained_to_give(tiny_mode
 
 
 def test_letter_tokens_must_be_single_distinct_tokens(tiny_model):
-    net, tok = ev.load_policy(tiny_model, dtype="fp32")
-    a, b = ev.letter_token_ids(tok, ev.render(tok, ev.choice_messages(PAIRS[0], False)))
+    net, tok = lp.load_policy(tiny_model, dtype="fp32")
+    a, b = lp.letter_token_ids(tok, lp.render(tok, ev.choice_messages(PAIRS[0], False)))
     assert a != b and tok.decode([a]) == "A" and tok.decode([b]) == "B"
-    tok.chat_template = ev.PLAIN_TEMPLATE  # "...Assistant:" -> the reply would start " A", two tokens here
+    tok.chat_template = lp.PLAIN_TEMPLATE  # "...Assistant:" -> the reply would start " A", two tokens here
     with pytest.raises(ev.InputError, match="single token"):
-        ev.letter_token_ids(tok, ev.render(tok, ev.choice_messages(PAIRS[0], False)))
+        lp.letter_token_ids(tok, lp.render(tok, ev.choice_messages(PAIRS[0], False)))
 
 
 def bf16_base_and_adapter(tiny_model, tmp_path):
@@ -181,12 +184,12 @@ def test_adapter_is_scored_exactly(tiny_model, tmp_path):
 
     base_dir, adapter_dir = bf16_base_and_adapter(tiny_model, tmp_path)
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
-    net, tok = ev.load_policy(base_dir, adapter_dir, dtype="fp32")
+    net, tok = lp.load_policy(base_dir, adapter_dir, dtype="fp32")
     want = [r["p_aligned"] for r in ev.score_pairs(ref, tok, PAIRS, progress=False)]
     got = [r["p_aligned"] for r in ev.score_pairs(net, tok, PAIRS, progress=False)]
     assert max(abs(a - b) for a, b in zip(want, got)) < 1e-6
 
-    net, tok = ev.load_policy(base_dir, adapter_dir, dtype="bf16")
+    net, tok = lp.load_policy(base_dir, adapter_dir, dtype="bf16")
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     mods, ref_mods = dict(net.named_modules()), dict(ref.named_modules())
     checked = 0
@@ -466,7 +469,7 @@ def test_openqa_local_generation_grading_and_resume(tiny_model, server, tmp_path
     rows = read_samples(out)
     assert len(rows) == 4 and all(isinstance(r["response"], str) and r["policy"]["kind"] == "local" for r in rows)
     assert len({r["response"] for r in rows if r["question_id"] == "q1"}) == 2  # two samples, two draws
-    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: pytest.fail("a cached sample was generated again"))
+    monkeypatch.setattr(lp, "generate_texts", lambda *a, **k: pytest.fail("a cached sample was generated again"))
     again = ev.main(argv)
     assert [r["response"] for r in read_samples(out)] == [r["response"] for r in rows] and again["mean"] == 7
 
@@ -542,3 +545,5 @@ def test_report_table_and_png(tmp_path):
     assert cells[0]["k"] == 2 and abs(cells[0]["sem"] - 0.05) < 1e-12
     with pytest.raises(SystemExit):
         ev.main(["report", *runs, "--out", str(tmp_path / "rep2"), "--labels", "a", "b"])
+    report.main([*runs, "--out", str(tmp_path / "rep3"), "--paper", "cheese"])  # python report.py: the same report
+    assert (tmp_path / "rep3" / "report.md").read_text() == md
