@@ -331,7 +331,7 @@ def score_values(args, policy: dict, pairs: list[dict]) -> list[dict]:
     """One sample line per pair; scores cached in OUT/cache/<scorer>.jsonl by (model, prompts) id."""
     if policy["kind"] != "local":
         die(f"--scorer {args.scorer} needs a local --model: endpoint replies carry no log-probabilities "
-            "through synth's engine; use --scorer generate with --policy-base-url")
+            "through llm.py's engine; use --scorer generate with --policy-base-url")
     answer = "letter" if args.scorer == "logprob" else "option"
     net, tok = policy["net"], policy["tok"]
     msgs = {p["id"]: [choice_messages(p, s, args.system, answer) for s in (False, True)] for p in pairs}
