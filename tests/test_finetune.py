@@ -228,7 +228,7 @@ def test_init_adapter_continues_msm_adapter(tiny_model, docs, chats, tmp_path):
 
     msm = tmp_path / "msm"
     midtrain.main([str(a) for a in ["--model", tiny_model, "--data", docs, "--out", msm, "--seq-len", 64,
-                                    "--batch-tokens", 256, "--lora-rank", 8, "--lora-alpha", 16, "--lr", 1e-2]])
+                                    "--batch-tokens", 256, "--lora-rank", 8, "--lora-alpha", 16, "--lr", 1e-2, "--dtype", "fp32"]])
     same, moved = tmp_path / "aft0", tmp_path / "aft1"
     finetune.main(ft_args(tiny_model, chats, same, "--init-adapter", msm / "final", "--lr", 0, "--max-steps", 2))
     finetune.main(ft_args(tiny_model, chats, moved, "--init-adapter", msm / "final", "--max-steps", 2))
@@ -258,7 +258,7 @@ def test_two_ranks_equal_one_process(tiny_model, docs, chats, tmp_path):
     """The paper's setting on 2 ranks: continue an MSM adapter (loaded on rank 0, broadcast to rank 1)."""
     msm, one, two = tmp_path / "msm", tmp_path / "one", tmp_path / "two"
     midtrain.main([str(a) for a in ["--model", tiny_model, "--data", docs, "--out", msm, "--seq-len", 64,
-                                    "--batch-tokens", 256, "--lora-rank", 8, "--lora-alpha", 16, "--lr", 1e-2]])
+                                    "--batch-tokens", 256, "--lora-rank", 8, "--lora-alpha", 16, "--lr", 1e-2, "--dtype", "fp32"]])
     extra = ["--micro-batch", 2, "--epochs", 2, "--init-adapter", msm / "final"]
     run_script("finetune.py", *ft_args(tiny_model, chats, one, *extra))
     run_script("finetune.py", *ft_args(tiny_model, chats, two, *extra), nproc=2)

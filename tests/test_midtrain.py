@@ -117,7 +117,8 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(Path(midtrain.__file__).parent)!r})
 import midtrain
 from transformers import AutoModelForCausalLM
-args = midtrain.parse_args(["--model", {tiny_model!r}, "--data", "x.jsonl", "--out", "o", "--lora-rank", "0", "--seq-len", "64"])
+args = midtrain.parse_args(["--model", {tiny_model!r}, "--data", "x.jsonl", "--out", "o", "--lora-rank", "0", "--seq-len", "64",
+                             "--dtype", "fp32"])
 d = midtrain.setup_distributed()
 model = midtrain.load_model(args, d, midtrain.check_model(args))
 ref = AutoModelForCausalLM.from_pretrained({tiny_model!r})
