@@ -65,8 +65,12 @@ def run_main(argv):
 
 def start_subprocess(argv, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt, so the Ctrl-C test's signal did nothing (seen three times here)
     return subprocess.Popen([sys.executable, str(ROOT / "synth.py"), *map(str, argv)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_jsonl(path):
