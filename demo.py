@@ -45,9 +45,9 @@ MODEL_NAME, PROVIDER = "SmolLM", "Hugging Face"  # how SmolLM2's own chat templa
 # The recipe, fixed before looking at any evaluation result: the paper's LoRA (r=64, alpha=128,
 # all projections), AdamW with cosine decay and 5% warm-up, 1 epoch per stage; a higher learning rate
 # than the paper's 1e-4 because a toy corpus gives ~25 optimizer steps instead of thousands.
-# The sizes are set by the time budget, at ~9.5 s per 2,048-token step in bf16 on a 2-core AMD EPYC
-# with avx512_bf16: "full" (make demo) trains 81 steps per seed (~13 minutes) plus scoring, 2 seeds;
-# "quick" a few minutes; "long" more MSM compute (all documents, 3 epochs: ~31 minutes of training)
+# The sizes are set by the time budget, at ~6.5 s per 2,048-token step in bf16 on a 2-core AMD EPYC
+# with avx512_bf16: "full" (make demo) trains 81 steps per seed (~9 minutes) plus scoring, 2 seeds;
+# "quick" a few minutes; "long" more MSM compute (all documents, 3 epochs: ~22 minutes of training)
 # for the scale search, 1 seed so that a run stays within ~60 minutes. msm_docs 0 = every document;
 # reasons 0 = the whole probe.
 RECIPES = {
